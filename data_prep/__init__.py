@@ -1,0 +1,1 @@
+"""Dataset builders: synthetic faces (default, offline) and 300-W (manual download)."""

@@ -1,0 +1,148 @@
+"""Checkpoints with orbax: the last N, the best by validation NME, and the config beside them.
+
+Layout of a workdir::
+
+    config.json        the full Config the run was started with
+    last/<step>/       orbax checkpoints, keep the last N
+    best/<step>/       the single best by validation NME
+    tb/                TensorBoard summaries
+
+Orbax writes each checkpoint to a temporary folder and renames it when
+complete, so a run killed mid-save leaves no half checkpoint behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from lgcn_jax.config import Config, config_from_dict, config_to_dict
+
+__all__ = ["CheckpointError", "check_workdir_config", "write_config", "read_config", "Checkpoints", "load_params"]
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint or workdir cannot be used; the message names the file and the fix."""
+
+
+def read_config(workdir: str) -> Config:
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        raise CheckpointError(f"{path} does not exist: {workdir} is not an lgcn_jax workdir (train one with run_train.py --workdir {workdir})")
+    try:
+        with open(path) as f:
+            return config_from_dict(json.load(f))
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{path} is corrupt or from an incompatible lgcn_jax version ({e}); move it away or use another --workdir") from e
+
+
+def _diff(a: Any, b: Any, prefix: str) -> list[str]:
+    da, db = config_to_dict(a) if isinstance(a, Config) else a, config_to_dict(b) if isinstance(b, Config) else b
+    return [f"{prefix}{k}: stored {da[k]!r}, requested {db[k]!r}" for k in da if da[k] != db.get(k)]
+
+
+def check_workdir_config(workdir: str, config: Config) -> Config | None:
+    """Refuse to resume a workdir whose network differs from ``config``.
+
+    Returns the stored config (or None for a fresh workdir).  Training
+    settings may change between runs (e.g. more steps); the network and
+    image size may not, since the checkpoint could not be restored into it.
+    """
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        if os.path.isdir(os.path.join(workdir, "last")) and os.listdir(os.path.join(workdir, "last")):
+            raise CheckpointError(f"{workdir}/last holds checkpoints but {path} is missing; restore config.json or use a fresh --workdir")
+        return None
+    stored = read_config(workdir)
+    d_stored, d_new = config_to_dict(stored), config_to_dict(config)
+    problems = _diff(d_stored["model"], d_new["model"], "model.")
+    if stored.data.image_size != config.data.image_size:
+        problems.append(f"data.image_size: stored {stored.data.image_size}, requested {config.data.image_size}")
+    if problems:
+        raise CheckpointError(
+            f"{workdir} holds a checkpoint of a different network ({path}):\n  "
+            + "\n  ".join(problems)
+            + "\nNothing was changed. Use a new --workdir, or rerun with the settings stored there."
+        )
+    return stored
+
+
+def write_config(workdir: str, config: Config) -> None:
+    os.makedirs(workdir, exist_ok=True)
+    path = os.path.join(workdir, "config.json")
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(config_to_dict(config), f, indent=2, sort_keys=True)
+    os.replace(tmp, path)  # atomic: never a half-written config
+
+
+class Checkpoints:
+    """Two orbax managers: ``last`` (keep N) and ``best`` (keep 1, lowest val NME)."""
+
+    def __init__(self, workdir: str, keep: int = 3):
+        workdir = os.path.abspath(workdir)
+        self.last = ocp.CheckpointManager(
+            os.path.join(workdir, "last"),
+            options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=False),
+        )
+        self.best = ocp.CheckpointManager(
+            os.path.join(workdir, "best"),
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=1, create=True, best_fn=lambda m: m["val_nme"], best_mode="min", enable_async_checkpointing=False
+            ),
+        )
+
+    def latest_step(self) -> int | None:
+        return self.last.latest_step()
+
+    def save(self, step: int, state: Any) -> None:
+        self.last.save(step, args=ocp.args.StandardSave(state))
+
+    def save_best(self, step: int, state: Any, val_nme: float) -> None:
+        self.best.save(step, args=ocp.args.StandardSave(state), metrics={"val_nme": float(val_nme)})
+
+    def restore(self, step: int, target: Any, which: str = "last") -> Any:
+        manager = self.last if which == "last" else self.best
+        abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, target)
+        try:
+            return manager.restore(step, args=ocp.args.StandardRestore(abstract))
+        except Exception as e:  # orbax raises many types for bad files
+            path = os.path.join(str(manager.directory), str(step))
+            raise CheckpointError(
+                f"cannot restore the checkpoint {path}: {type(e).__name__}: {e}\n"
+                "It is corrupt or was written by a different network; delete that step folder to fall back to an earlier one, or use a fresh --workdir."
+            ) from e
+
+    def best_step(self) -> int | None:
+        return self.best.best_step() if self.best.all_steps() else None
+
+    def close(self) -> None:
+        self.last.close()
+        self.best.close()
+
+
+def load_params(path: str, which: str = "best"):
+    """Load network parameters from a workdir: its best checkpoint (or last, or the latest if no best).
+
+    Returns (LGCNParams, Config).
+    """
+    from lgcn_jax import train
+
+    config = read_config(path)
+    state = train.create_train_state(config)
+    ckpts = Checkpoints(path)
+    try:
+        step = ckpts.best_step() if which == "best" else None
+        if step is None:
+            step, which = ckpts.latest_step(), "last"
+        if step is None:
+            raise CheckpointError(f"{path} has no checkpoint yet (no step folder under last/ or best/); train first")
+        state = ckpts.restore(step, state, which=which)
+    finally:
+        ckpts.close()
+    return state.net, config

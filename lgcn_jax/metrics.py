@@ -1,0 +1,56 @@
+"""300-W metrics: NME (inter-ocular / inter-pupil), failure rate, AUC, CED.
+
+Indices are 0-based into the 68-point iBUG markup: outer eye corners 36 and
+45; pupils are the means of the eye contours 36-41 and 42-47.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["normaliser", "nme", "ced_curve", "auc_and_failure"]
+
+
+def normaliser(gt: np.ndarray, norm: str = "inter_ocular") -> np.ndarray:
+    """Per-face normalising distance of f[N, 68, 2] ground truth -> f[N]."""
+    gt = np.asarray(gt, np.float64)
+    if gt.ndim != 3 or gt.shape[1:] != (68, 2):
+        raise ValueError(f"ground truth must have shape [N, 68, 2], got {gt.shape}")
+    if norm == "inter_ocular":
+        a, b = gt[:, 36], gt[:, 45]
+    elif norm == "inter_pupil":
+        a, b = gt[:, 36:42].mean(1), gt[:, 42:48].mean(1)
+    else:
+        raise ValueError(f"norm must be 'inter_ocular' or 'inter_pupil', got {norm!r}")
+    return np.linalg.norm(a - b, axis=-1)
+
+
+def nme(pred: np.ndarray, gt: np.ndarray, norm: str = "inter_ocular") -> np.ndarray:
+    """Mean point-to-point error divided by the normalising distance, per face: f[N]."""
+    pred, gt = np.asarray(pred, np.float64), np.asarray(gt, np.float64)
+    if pred.shape != gt.shape:
+        raise ValueError(f"prediction shape {pred.shape} differs from ground truth {gt.shape}")
+    d = normaliser(gt, norm)
+    return np.linalg.norm(pred - gt, axis=-1).mean(-1) / d
+
+
+def ced_curve(errors: np.ndarray, threshold: float = 0.08, num: int = 1001) -> tuple[np.ndarray, np.ndarray]:
+    """Cumulative error distribution: x f[num] in [0, threshold], y = fraction of faces with error <= x."""
+    errors = np.sort(np.asarray(errors, np.float64))
+    x = np.linspace(0.0, threshold, num)
+    y = np.searchsorted(errors, x, side="right") / max(len(errors), 1)
+    return x, y
+
+
+def auc_and_failure(errors: np.ndarray, threshold: float = 0.08) -> tuple[float, float]:
+    """Area under the CED up to ``threshold`` (normalised to [0, 1]) and failure rate (error > threshold).
+
+    The area is exact: the CED is a step function, so the area is the mean over
+    faces of max(0, threshold - error), divided by the threshold.
+    """
+    errors = np.asarray(errors, np.float64)
+    if errors.size == 0:
+        raise ValueError("no errors given")
+    auc = float(np.mean(np.clip(threshold - errors, 0.0, None)) / threshold)
+    failure = float(np.mean(errors > threshold))
+    return auc, failure

@@ -1,0 +1,150 @@
+"""The LGCN network as pure functions: ``init``, ``apply`` and ``apply_train``.
+
+Local-context subnet (5x5 then 3x3 conv-BN-ReLU blocks) -> two 1x1 heads ->
+kernel convolution (fixed 45x45 blur, scaled by 0.01) -> global-context subnet
+of dilated 3x3 blocks on both blurred heads -> 1x1 conv, added to the blurred
+main head.  docs/architecture.md has the table and its sources.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from lgcn_jax.config import Config, ModelConfig
+from lgcn_jax.kernel_conv import Kernel, gaussian_mixture_kernel, kernel_conv
+
+__all__ = ["LGCNParams", "LGCN", "model_kernel", "init", "apply", "apply_train", "check_images"]
+
+
+@functools.lru_cache(maxsize=16)
+def model_kernel(config: ModelConfig) -> Kernel:
+    """The fixed blur kernel of a model config (cached: factorised once)."""
+    return Kernel(gaussian_mixture_kernel(config.kernel_size, config.kernel_weights, config.kernel_sigmas))
+
+
+class LGCN(nn.Module):
+    """Flax module; use the functional :func:`init` / :func:`apply` instead."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, images: jax.Array, train: bool) -> tuple[jax.Array, jax.Array]:
+        m = self.config
+        conv_init = nn.initializers.variance_scaling(2.0 * m.init_scale**2, "fan_in", "normal")
+
+        def block(x, size, dilation, name):
+            x = nn.Conv(m.num_filters, (size, size), kernel_dilation=dilation, padding="SAME", kernel_init=conv_init, name=f"{name}_conv")(x)
+            x = nn.BatchNorm(use_running_average=not train, momentum=m.bn_momentum, epsilon=m.bn_epsilon, name=f"{name}_bn")(x)
+            x = nn.relu(x) * m.activation_scale
+            return nn.Dropout(m.dropout_rate, deterministic=not train)(x)
+
+        # The authors feed 0..255 pixels and map them to (p/128 - 1) * 0.1.
+        x = (images * (255.0 / 128.0) - 1.0) * 0.1
+        for i in range(m.local_5x5_layers):
+            x = block(x, 5, 1, f"local5_{i}")
+        for i in range(m.local_3x3_layers):
+            x = block(x, 3, 1, f"local3_{i}")
+        n = m.num_landmarks
+        main = nn.Conv(n, (1, 1), kernel_init=conv_init, name="head_main")(x)
+        side = nn.Conv(n, (1, 1), kernel_init=conv_init, name="head_side_conv")(x)
+        side = nn.BatchNorm(use_running_average=not train, momentum=m.bn_momentum, epsilon=m.bn_epsilon, name="head_side_bn")(side)
+        side = nn.relu(side) * m.activation_scale
+        # One blur call for both heads: 2n channels in a single pair of matmuls.
+        blurred = kernel_conv(jnp.concatenate([main, side], axis=-1), model_kernel(m)) * m.kernel_output_scale
+        o1 = blurred[..., :n]
+        y = blurred
+        for i in range(m.global_layers):
+            y = block(y, 3, m.global_dilation, f"global_{i}")
+        o2 = nn.Conv(n, (1, 1), kernel_init=conv_init, name="head_global")(y) + o1
+        return o1, o2
+
+
+@struct.dataclass
+class LGCNParams:
+    """All state of a network: trainable ``params``, BatchNorm ``batch_stats``, static ``config``.
+
+    A pytree: its leaves are the arrays, the config rides along as static data,
+    so ``jax.jit(apply)(p, x)`` and ``jax.vmap(apply, (None, 0))`` just work.
+    """
+
+    params: Any
+    batch_stats: Any
+    config: ModelConfig = struct.field(pytree_node=False)
+
+    @property
+    def variables(self) -> dict:
+        return {"params": self.params, "batch_stats": self.batch_stats}
+
+    def num_parameters(self) -> int:
+        return sum(x.size for x in jax.tree_util.tree_leaves(self.params))
+
+
+def _model_config(config) -> ModelConfig:
+    if isinstance(config, Config):
+        return config.model
+    if isinstance(config, ModelConfig):
+        return config
+    raise TypeError(f"expected a Config or ModelConfig, got {type(config).__name__}")
+
+
+def init(rng: jax.Array, config: Config | ModelConfig, image_size: int = 96) -> LGCNParams:
+    """Fresh network parameters.
+
+    Args:
+      rng: a PRNG key.
+      config: a :class:`Config` (its ``model`` part is used) or a :class:`ModelConfig`.
+      image_size: side of the dummy input used to trace shapes; weights do not depend on it.
+    """
+    m = _model_config(config)
+    dummy = jnp.zeros((1, image_size, image_size, 1), jnp.float32)
+    variables = jax.jit(functools.partial(LGCN(m).init, train=False))(rng, dummy)
+    return LGCNParams(params=variables["params"], batch_stats=variables.get("batch_stats", {}), config=m)
+
+
+def check_images(images: Any) -> jax.Array:
+    """Validate and convert images to f32[B, H, W, 1] in [0, 1] (uint8 is divided by 255)."""
+    images = jnp.asarray(images)
+    if images.ndim != 4 or images.shape[-1] != 1:
+        raise ValueError(
+            f"images must have shape [B, H, W, 1] (grayscale, channels last), got {tuple(images.shape)}; "
+            "add axes with images[None, ..., None] or convert RGB to gray first"
+        )
+    if images.dtype == jnp.uint8:
+        return images.astype(jnp.float32) / 255.0
+    return images.astype(jnp.float32)
+
+
+@jax.jit
+def _apply(params: LGCNParams, images: jax.Array) -> jax.Array:
+    return LGCN(params.config).apply(params.variables, images, train=False)[1]
+
+
+def apply(params: LGCNParams, images: jax.Array) -> jax.Array:
+    """Heatmaps of the full network (inference mode).
+
+    Args:
+      params: from :func:`init` or a checkpoint.
+      images: f32[B, H, W, 1] in [0, 1] (or uint8 0..255); any H, W.
+
+    Returns:
+      f32[B, H, W, num_landmarks]: blurred heatmaps, about 1 at a landmark.
+    """
+    return _apply(params, check_images(images))
+
+
+def apply_train(params: LGCNParams, images: jax.Array, dropout_rng: jax.Array) -> tuple[jax.Array, jax.Array, Any]:
+    """Training-mode forward pass: batch statistics and dropout.
+
+    Returns (o1, o2, new_batch_stats): o1 the blurred local-context output,
+    o2 the final output, both f32[B, H, W, num_landmarks].
+    """
+    (o1, o2), updates = LGCN(params.config).apply(
+        params.variables, images, train=True, rngs={"dropout": dropout_rng}, mutable=["batch_stats"]
+    )
+    return o1, o2, updates["batch_stats"]

@@ -1,0 +1,40 @@
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=true")
+
+import dataclasses
+
+import pytest
+
+from lgcn_jax.config import Config, DataConfig, ModelConfig, TrainConfig
+
+TINY_SPLITS = {"train": 48, "validation": 16, "test": 16}
+
+
+def tiny_config(**train_overrides) -> Config:
+    """A network small enough for many unit tests to run in seconds."""
+    model = ModelConfig(num_filters=8, local_5x5_layers=1, local_3x3_layers=1, global_layers=1, global_dilation=2,
+                        kernel_size=15, kernel_sigmas=(0.75, 2.0, 4.0), dropout_rate=0.0)
+    train = TrainConfig(batch_size=4, num_steps=6, optimizer="adam", learning_rate=1e-3, lr_decay_steps=(), lr_decay_factors=(),
+                        grad_clip=0.0, log_every=2, eval_every=3, checkpoint_every=2, keep_checkpoints=2)
+    train = dataclasses.replace(train, **train_overrides)
+    return Config(model=model, train=train, data=DataConfig(image_size=32))
+
+
+@pytest.fixture(scope="session")
+def synthetic_data_dir(tmp_path_factory):
+    """A TFDS data dir holding a small build of the synthetic-faces builder."""
+    from data_prep import synthetic_tfds
+
+    old = dict(synthetic_tfds.SPLIT_SIZES)
+    synthetic_tfds.SPLIT_SIZES.update(TINY_SPLITS)
+    data_dir = str(tmp_path_factory.mktemp("tfds"))
+    try:
+        from lgcn_jax import input_pipeline
+
+        input_pipeline.load_split(DataConfig(data_dir=data_dir), "train")
+    finally:
+        synthetic_tfds.SPLIT_SIZES.clear()
+        synthetic_tfds.SPLIT_SIZES.update(old)
+    return data_dir

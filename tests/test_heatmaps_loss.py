@@ -1,0 +1,62 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lgcn_jax.heatmaps import argmax_subpixel, render_targets, splat
+from lgcn_jax.kernel_conv import Kernel, gaussian_mixture_kernel, kernel_conv
+from lgcn_jax.loss import heatmap_loss
+
+K = Kernel(gaussian_mixture_kernel(45, (0.2215, 0.3424, 0.4283), (1.1203, 3.871, 7.9291)))
+
+
+def test_targets_equal_blurred_splat():
+    lm = jax.random.uniform(jax.random.key(0), (2, 68, 2), minval=-5, maxval=101)
+    t, inside = render_targets(lm, 96, 96, K)
+    ref = kernel_conv(splat(lm, 96, 96), K)
+    np.testing.assert_allclose(t, ref, atol=2e-5)
+    np.testing.assert_allclose(inside, np.asarray(splat(lm, 96, 96)).sum((1, 2)), atol=1e-5)
+
+
+def test_splat_is_bilinear():
+    m = np.asarray(splat(jnp.array([[[3.25, 7.5]]]), 12, 12))[0, :, :, 0]
+    assert m.sum() == pytest.approx(1.0)
+    assert m[7, 3] == pytest.approx(0.75 * 0.5) and m[8, 4] == pytest.approx(0.25 * 0.5)
+
+
+def test_subpixel_recovery_from_rendered_targets():
+    rng = np.random.default_rng(0)
+    lm = rng.uniform(20, 76, (3, 68, 2)).astype(np.float32)
+    t, _ = render_targets(jnp.asarray(lm), 96, 96, K)
+    est, peak = argmax_subpixel(t)
+    err = np.abs(np.asarray(est) - lm)
+    assert err.max() < 0.1, err.max()
+    assert np.all(np.asarray(peak) > 0.5)
+
+
+def test_loss_zero_at_target_and_weights():
+    lm = jnp.array([[[10.0, 12.0], [200.0, 5.0]]])  # second point outside a 32x32 image
+    k = Kernel(gaussian_mixture_kernel(9, (1.0,), (1.5,)))
+    t, inside = render_targets(lm, 32, 32, k)
+    assert float(heatmap_loss(t, t, lm, k)[0]) == 0.0
+    np.testing.assert_allclose(inside, [[1.0, 0.0]])
+    # Unit error on one pixel per map weighs by 0.1 + inside + 0.5 * mean(inside) (x2 outputs x 0.05).
+    for j, w in enumerate([0.1 + 1 + 0.25, 0.1 + 0 + 0.25]):
+        bump = jnp.zeros_like(t).at[0, 0, 0, j].add(1.0)
+        got = float(heatmap_loss(t + bump, t, lm, k)[0])
+        assert got == pytest.approx(0.05 * w, rel=1e-5)
+    # A mask removes a point entirely.
+    bump = jnp.zeros_like(t).at[0, 0, 0, 1].add(1.0)
+    assert float(heatmap_loss(t + bump, t, lm, k, mask=jnp.array([[1.0, 0.0]]))[0]) == 0.0
+
+
+def test_loss_gradient_finite_difference():
+    k = Kernel(gaussian_mixture_kernel(7, (1.0,), (1.0,)))
+    lm = jnp.array([[[5.0, 6.0], [9.5, 3.25]]])
+    o = jax.random.normal(jax.random.key(1), (1, 12, 12, 2)) * 0.1
+    f = lambda o: heatmap_loss(o, o * 0.5, lm, k).sum()
+    g = jax.grad(f)(o)
+    d = jax.random.normal(jax.random.key(2), o.shape)
+    eps = 1e-2
+    fd = (f(o + eps * d) - f(o - eps * d)) / (2 * eps)
+    assert float(jnp.sum(g * d)) == pytest.approx(float(fd), rel=1e-3)

@@ -1,0 +1,81 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lgcn_jax.kernel_conv import Kernel, gaussian_mixture_kernel, kernel_conv, kernel_conv_direct
+
+
+def rel(a, b):
+    return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
+
+
+KERNELS = {
+    "lgcn45": Kernel(gaussian_mixture_kernel(45, (0.2215, 0.3424, 0.4283), (1.1203, 3.871, 7.9291))),
+    "random_full_rank": Kernel(np.random.default_rng(0).normal(size=(9, 9))),
+    "asymmetric_rect": Kernel(np.random.default_rng(1).normal(size=(5, 11))),
+}
+
+
+@pytest.mark.parametrize("name", sorted(KERNELS))
+@pytest.mark.parametrize("shape", [(2, 24, 24, 3), (1, 17, 30, 5), (3, 50, 40, 2)])
+def test_matches_direct_depthwise(name, shape):
+    k = KERNELS[name]
+    x = jax.random.normal(jax.random.key(hash((name, shape)) % 2**31), shape)
+    assert rel(kernel_conv(x, k), kernel_conv_direct(x, k)) < 1e-5
+
+
+def test_lgcn_kernel_is_rank_three_and_full_size():
+    k = KERNELS["lgcn45"]
+    assert k.rank == 3
+    x = jax.random.normal(jax.random.key(3), (2, 96, 96, 4))
+    assert rel(kernel_conv(x, k), kernel_conv_direct(x, k)) < 1e-5
+
+
+@pytest.mark.parametrize("name", ["lgcn45", "asymmetric_rect"])
+def test_gradient_matches_direct(name):
+    k = KERNELS[name]
+    x = jax.random.normal(jax.random.key(4), (2, 48, 40, 3))
+    ct = jax.random.normal(jax.random.key(5), (2, 48, 40, 3))
+    g_fast = jax.grad(lambda x: jnp.sum(kernel_conv(x, k) * ct))(x)
+    g_ref = jax.grad(lambda x: jnp.sum(kernel_conv_direct(x, k) * ct))(x)
+    assert rel(g_fast, g_ref) < 1e-5
+
+
+def test_impulse_reproduces_kernel_at_offset():
+    vals = np.random.default_rng(2).normal(size=(7, 5))
+    x = np.zeros((1, 20, 20, 1), np.float32)
+    x[0, 10, 10, 0] = 1.0
+    out = np.asarray(kernel_conv(x, Kernel(vals)))[0, :, :, 0]
+    # Cross-correlation: an impulse at (10, 10) shows the kernel flipped.
+    np.testing.assert_allclose(out[7:14, 8:13], vals[::-1, ::-1], atol=1e-5)
+
+
+def test_jit_vmap_and_static_kernel():
+    k = KERNELS["random_full_rank"]
+    x = jax.random.normal(jax.random.key(6), (4, 2, 16, 16, 3))
+    vm = jax.vmap(lambda xi: kernel_conv(xi, k))(x)
+    loop = jnp.stack([kernel_conv(xi, k) for xi in x])
+    assert rel(vm, loop) < 1e-6
+    assert Kernel(k.values) == k and hash(Kernel(k.values)) == hash(k)
+
+
+@pytest.mark.parametrize(
+    "bad, msg",
+    [(np.ones((4, 4)), "odd sides"), (np.ones(5), "odd sides"), (np.full((3, 3), np.nan), "non-finite")],
+)
+def test_bad_kernels(bad, msg):
+    with pytest.raises(ValueError, match=msg):
+        Kernel(bad)
+
+
+def test_bad_input_rank():
+    with pytest.raises(ValueError, match=r"\[B, H, W, C\]"):
+        kernel_conv(jnp.zeros((8, 8, 1)), KERNELS["random_full_rank"])
+
+
+def test_gaussian_mixture_kernel_errors():
+    with pytest.raises(ValueError, match="odd"):
+        gaussian_mixture_kernel(44, (1.0,), (1.0,))
+    with pytest.raises(ValueError, match="as many"):
+        gaussian_mixture_kernel(5, (1.0, 2.0), (1.0,))

@@ -1,0 +1,79 @@
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import lgcn_jax
+from lgcn_jax import network
+from lgcn_jax.config import ModelConfig, get_config
+from tests.conftest import tiny_config
+
+
+@pytest.fixture(scope="module")
+def params():
+    return lgcn_jax.init(jax.random.key(0), tiny_config())
+
+
+@pytest.mark.parametrize("hw", [(32, 32), (24, 40), (96, 96), (45, 19)])
+def test_output_shapes_any_size(params, hw):
+    x = jax.random.uniform(jax.random.key(1), (2, *hw, 1))
+    out = lgcn_jax.apply(params, x)
+    assert out.shape == (2, *hw, 68) and out.dtype == jnp.float32
+    o1, o2, stats = lgcn_jax.apply_train(params, x, jax.random.key(2))
+    assert o1.shape == o2.shape == (2, *hw, 68)
+    assert jax.tree_util.tree_structure(stats) == jax.tree_util.tree_structure(params.batch_stats)
+
+
+def test_paper_layer_counts():
+    p = lgcn_jax.init(jax.random.key(0), get_config("paper64"))
+    names = set(p.params)
+    assert sum(n.startswith("local5_") and n.endswith("_conv") for n in names) == 5
+    assert sum(n.startswith("local3_") and n.endswith("_conv") for n in names) == 10
+    assert sum(n.startswith("global_") and n.endswith("_conv") for n in names) == 7
+    assert p.params["local5_0_conv"]["kernel"].shape == (5, 5, 1, 64)
+    assert p.params["global_0_conv"]["kernel"].shape == (3, 3, 136, 64)  # both blurred heads
+    assert p.params["head_global"]["kernel"].shape == (1, 1, 64, 68)
+
+
+def test_jit_and_vmap(params):
+    x = jax.random.uniform(jax.random.key(3), (3, 2, 32, 32, 1))
+    direct = jnp.stack([lgcn_jax.apply(params, xi) for xi in x])
+    vm = jax.vmap(lgcn_jax.apply, in_axes=(None, 0))(params, x)
+    jt = jax.jit(lambda p, xi: lgcn_jax.apply(p, xi))(params, x[0])
+    np.testing.assert_allclose(vm, direct, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(jt, direct[0], rtol=1e-5, atol=1e-7)
+
+
+def test_uint8_input_equals_scaled_float(params):
+    x = np.random.default_rng(0).integers(0, 256, (1, 32, 32, 1), dtype=np.uint8)
+    np.testing.assert_allclose(lgcn_jax.apply(params, x), lgcn_jax.apply(params, x.astype(np.float32) / 255), rtol=1e-5, atol=1e-7)
+
+
+def test_batch_independence_in_inference(params):
+    x = jax.random.uniform(jax.random.key(4), (4, 32, 32, 1))
+    np.testing.assert_allclose(lgcn_jax.apply(params, x)[1:2], lgcn_jax.apply(params, x[1:2]), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("shape", [(32, 32), (1, 32, 32, 3), (1, 32, 32)])
+def test_bad_image_shape(params, shape):
+    with pytest.raises(ValueError, match=r"\[B, H, W, 1\]"):
+        lgcn_jax.apply(params, jnp.zeros(shape))
+
+
+def test_init_deterministic_and_config_static():
+    c = tiny_config()
+    a, b = lgcn_jax.init(jax.random.key(7), c), lgcn_jax.init(jax.random.key(7), c)
+    assert jax.tree_util.tree_all(jax.tree_util.tree_map(lambda u, v: bool(jnp.array_equal(u, v)), a.params, b.params))
+    assert a.config == c.model
+    with pytest.raises(TypeError):
+        lgcn_jax.init(jax.random.key(0), {"num_filters": 3})
+
+
+def test_he_init_scale():
+    m = dataclasses.replace(ModelConfig(), num_filters=64, local_5x5_layers=1, local_3x3_layers=1, global_layers=1)
+    p = network.init(jax.random.key(0), m)
+    w = np.asarray(p.params["local3_0_conv"]["kernel"])
+    expected = m.init_scale * np.sqrt(2.0 / (3 * 3 * 64))
+    assert abs(w.std() / expected - 1) < 0.05

@@ -1,0 +1,151 @@
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import lgcn_jax
+from data_prep.synthetic_faces import make_split
+from lgcn_jax import checkpoint, train
+from tests.conftest import tiny_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _trees_equal(a, b):
+    return all(jax.tree_util.tree_leaves(jax.tree_util.tree_map(lambda u, v: bool(np.array_equal(u, v)), a, b)))
+
+
+def test_tiny_net_overfits_a_handful_of_faces():
+    images, lms = make_split("train", 4, image_size=32)
+    batch = {"image": jnp.asarray(images[..., None] / 255.0, jnp.float32), "landmarks": jnp.asarray(lms)}
+    cfg = tiny_config(learning_rate=3e-3, num_steps=150)
+    state = train.create_train_state(cfg)
+    before = float(np.mean(lgcn_jax.metrics.nme(np.asarray(train.eval_step(state.net, batch["image"])), lms)))
+    losses = []
+    for _ in range(150):
+        state, m = train.train_step(state, batch)
+        losses.append(float(m["loss"]))
+    after = float(np.mean(lgcn_jax.metrics.nme(np.asarray(train.eval_step(state.net, batch["image"])), lms)))
+    assert losses[-1] < 0.2 * losses[0]
+    assert after < 0.5 * before and after < 0.3, (before, after)
+
+
+def test_train_step_is_deterministic():
+    images, lms = make_split("train", 4, image_size=32)
+    batch = {"image": jnp.asarray(images[..., None] / 255.0, jnp.float32), "landmarks": jnp.asarray(lms)}
+    cfg = tiny_config(optimizer="momentum", learning_rate=0.01, grad_clip=0.1)
+    outs = []
+    for _ in range(2):
+        s = train.create_train_state(cfg)
+        for _ in range(3):
+            s, _ = train.train_step(s, batch)
+        outs.append(s)
+    assert _trees_equal(outs[0].net.params, outs[1].net.params)
+    assert int(outs[0].step) == 3
+
+
+def test_checkpoint_round_trip(tmp_path):
+    cfg = tiny_config()
+    state = train.create_train_state(cfg, jax.random.key(3))
+    ck = checkpoint.Checkpoints(str(tmp_path), keep=2)
+    ck.save(7, state)
+    fresh = train.create_train_state(cfg, jax.random.key(4))
+    restored = ck.restore(7, fresh)
+    ck.close()
+    assert int(restored.step) == int(state.step)
+    assert _trees_equal(restored.net.params, state.net.params)
+    assert _trees_equal(restored.opt_state, state.opt_state)
+    assert not _trees_equal(fresh.net.params, state.net.params)
+
+
+def test_corrupt_checkpoint_gives_clear_error(tmp_path):
+    cfg = tiny_config()
+    state = train.create_train_state(cfg)
+    ck = checkpoint.Checkpoints(str(tmp_path))
+    ck.save(1, state)
+    for root, _, files in os.walk(tmp_path / "last" / "1"):
+        for f in files:
+            if "manifest" in f or f.endswith(".ocdbt") or "d" == f[:1]:
+                with open(os.path.join(root, f), "wb") as fh:
+                    fh.write(b"garbage")
+    with pytest.raises(checkpoint.CheckpointError, match="cannot restore"):
+        ck.restore(1, state)
+    ck.close()
+
+
+def test_resume_continues_exactly(tmp_path, synthetic_data_dir):
+    """4 steps, stop, resume to 6 == 6 steps in one go."""
+    cfg = lgcn_jax.apply_overrides(tiny_config(num_steps=4, eval_every=100, checkpoint_every=2), [f"data.data_dir={synthetic_data_dir}"])
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    lgcn_jax.train_and_evaluate(cfg, a, progress=False)
+    cfg6 = lgcn_jax.apply_overrides(cfg, ["train.num_steps=6"])
+    res_a = lgcn_jax.train_and_evaluate(cfg6, a, progress=False)
+    res_b = lgcn_jax.train_and_evaluate(cfg6, b, progress=False)
+    pa, _ = lgcn_jax.load_params(a, which="last")
+    pb, _ = lgcn_jax.load_params(b, which="last")
+    assert _trees_equal(pa.params, pb.params) and _trees_equal(pa.batch_stats, pb.batch_stats)
+    assert res_a["nme"] == res_b["nme"]
+    assert sorted(int(s) for s in os.listdir(os.path.join(a, "last")) if s.isdigit()) == [4, 6]
+
+
+def _run(args, **kw):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=ROOT)
+    return subprocess.run([sys.executable, os.path.join(ROOT, "run_train.py"), *args], capture_output=True, text=True, env=env, **kw)
+
+
+def test_cli_bad_flag():
+    r = _run(["--workdir", "/tmp/x", "--bogus"], timeout=120)
+    assert r.returncode == 2 and "unrecognized arguments: --bogus" in r.stderr
+    r = _run(["--workdir", "/tmp/x", "--config", "model.num_filtres=3"], timeout=120)
+    assert r.returncode == 2 and "unknown config key 'model.num_filtres'" in r.stderr
+
+
+def test_cli_refuses_incompatible_workdir(tmp_path):
+    wd = tmp_path / "wd"
+    checkpoint.write_config(str(wd), lgcn_jax.get_config("quick"))
+    (wd / "last").mkdir()
+    (wd / "last" / "keep.txt").write_text("user data")
+    before = (wd / "config.json").read_text()
+    r = _run(["--workdir", str(wd), "--preset", "paper64"], timeout=120)
+    assert r.returncode == 1
+    assert "different network" in r.stderr and "model.num_filters: stored 16, requested 64" in r.stderr
+    assert "config.json" in r.stderr and "Nothing was changed" in r.stderr
+    assert (wd / "config.json").read_text() == before and (wd / "last" / "keep.txt").read_text() == "user data"
+
+
+def test_sigkill_mid_run_then_resume(tmp_path, synthetic_data_dir):
+    wd = str(tmp_path / "wd")
+    args = ["--workdir", wd, "--no_progress", "--config", f"data.data_dir={synthetic_data_dir}",
+            "model.num_filters=8", "model.local_5x5_layers=1", "model.local_3x3_layers=1", "model.global_layers=1",
+            "train.batch_size=4", "train.checkpoint_every=2", "train.eval_every=1000", "train.log_every=1000"]
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=ROOT)
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "run_train.py"), *args, "train.num_steps=100000"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    last = os.path.join(wd, "last")
+    deadline = time.time() + 240
+    try:
+        while time.time() < deadline:
+            steps = [int(s) for s in os.listdir(last) if s.isdigit()] if os.path.isdir(last) else []
+            if steps and max(steps) >= 4:
+                break
+            time.sleep(0.2)
+        else:
+            pytest.fail("training never wrote a checkpoint")
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    killed_at = max(int(s) for s in os.listdir(last) if s.isdigit())
+    target = killed_at + 2
+    r = _run(args + [f"train.num_steps={target}"], timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    steps = sorted(int(s) for s in os.listdir(last) if s.isdigit())
+    assert steps[-1] == target and killed_at in steps or steps[-1] == target
+    assert not [s for s in os.listdir(last) if "tmp" in s]  # no half-written checkpoint left behind
+    params, cfg = lgcn_jax.load_params(wd, which="last")
+    assert cfg.train.num_steps == target and params.config.num_filters == 8
