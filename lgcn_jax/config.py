@@ -42,7 +42,9 @@ class ModelConfig:
     kernel_output_scale: float = 0.01  # blurred maps are scaled by this
     activation_scale: float = 0.1  # ReLU output is scaled by this
     dropout_rate: float = 0.1
-    bn_momentum: float = 0.9
+    # 0: inference uses the statistics of the last training batch, as the authors'
+    # CNTK setting (time constant 0) does; an average lags behind fast-moving weights.
+    bn_momentum: float = 0.0
     bn_epsilon: float = 1e-5
     init_scale: float = 0.141421  # multiplies the He-normal std of every conv
 

@@ -1,3 +1,4 @@
+import dataclasses
 import os
 import signal
 import subprocess
@@ -24,16 +25,18 @@ def _trees_equal(a, b):
 def test_tiny_net_overfits_a_handful_of_faces():
     images, lms = make_split("train", 4, image_size=32)
     batch = {"image": jnp.asarray(images[..., None] / 255.0, jnp.float32), "landmarks": jnp.asarray(lms)}
-    cfg = tiny_config(learning_rate=3e-3, num_steps=150)
+    cfg = tiny_config(learning_rate=1e-2)
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, num_filters=16, local_5x5_layers=2, local_3x3_layers=2))
     state = train.create_train_state(cfg)
     before = float(np.mean(lgcn_jax.metrics.nme(np.asarray(train.eval_step(state.net, batch["image"])), lms)))
     losses = []
-    for _ in range(150):
+    for _ in range(200):
         state, m = train.train_step(state, batch)
         losses.append(float(m["loss"]))
     after = float(np.mean(lgcn_jax.metrics.nme(np.asarray(train.eval_step(state.net, batch["image"])), lms)))
     assert losses[-1] < 0.2 * losses[0]
-    assert after < 0.5 * before and after < 0.3, (before, after)
+    # Inference mode (BatchNorm statistics of the last batch) must localise the faces it saw.
+    assert after < 0.2 * before and after < 0.1, (before, after)
 
 
 def test_train_step_is_deterministic():
