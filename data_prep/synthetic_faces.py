@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-__all__ = ["MEAN_SHAPE", "render_face", "sample_shape", "make_face", "make_split", "draw_face", "SUPERSAMPLE"]
+__all__ = ["MEAN_SHAPE", "sample_shape", "make_face", "make_split", "draw_face", "SUPERSAMPLE"]
 
 SUPERSAMPLE = 2
 
@@ -206,7 +206,3 @@ def make_split(name: str, count: int, image_size: int = 96, base_seed: int = 0) 
         images[i], landmarks[i] = make_face(base_seed + offset + i, image_size)
     return images, landmarks
 
-
-def render_face(seed: int, image_size: int = 96) -> tuple[np.ndarray, np.ndarray]:
-    """Alias of :func:`make_face` kept for readability in examples."""
-    return make_face(seed, image_size)

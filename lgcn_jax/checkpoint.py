@@ -18,7 +18,6 @@ import os
 from typing import Any
 
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 
 from lgcn_jax.config import Config, config_from_dict, config_to_dict

@@ -78,9 +78,6 @@ class DataConfig:
     dataset: str = "synthetic"  # "synthetic" (built locally, no download) or "300w"
     data_dir: str = ""  # TFDS data dir; "" -> ~/tensorflow_datasets
     image_size: int = 96
-    synthetic_train_size: int = 4000
-    synthetic_val_size: int = 256
-    shuffle_buffer: int = 2048
     augment: bool = True
     max_rotation_deg: float = 15.0
     max_scale_delta: float = 0.1

@@ -111,26 +111,20 @@ def _augment(tf, image, landmarks, key, config: DataConfig):
     flip = tf.logical_and(tf.constant(config.flip), u[4] > 0.0)
     c = (size - 1.0) / 2.0
     cos, sin = tf.cos(angle) * scale, tf.sin(angle) * scale
-    # Forward map (output from input): p' = A (p - c) + c + shift, with x -> size-1-x first when flipping.
-    fx = tf.where(flip, -1.0, 1.0)
-    a00, a01, a10, a11 = cos * fx, -sin, sin * fx, cos
-    bx = c + shift[0] - (a00 * tf.where(flip, -(size - 1.0) + c, c) + a01 * c)
-    by = c + shift[1] - (a10 * tf.where(flip, -(size - 1.0) + c, c) + a11 * c)
-    # With flip the input x is mapped to (size-1-x); fold that into the affine map.
+    # Points: optional mirror x -> size-1-x (with the left/right permutation), then
+    # p' = A (p - c) + c + shift with A = scale * rotation(angle).
     lm = tf.stack([tf.where(flip, size - 1.0 - landmarks[:, 0], landmarks[:, 0]), landmarks[:, 1]], axis=-1)
     lm = tf.where(flip, tf.gather(lm, FLIP_PERMUTATION), lm)
     new_x = cos * (lm[:, 0] - c) - sin * (lm[:, 1] - c) + c + shift[0]
     new_y = sin * (lm[:, 0] - c) + cos * (lm[:, 1] - c) + c + shift[1]
     out_lm = tf.stack([new_x, new_y], axis=-1)
-    # Inverse map for sampling: input = M^-1 (output - t), in the flip-folded frame.
+    # Image: the sampler wants output -> input, i.e. A^-1 (p' - c - shift) + c, then the mirror.
     det = cos * cos + sin * sin
     i00, i01, i10, i11 = cos / det, sin / det, -sin / det, cos / det
     tx = -(i00 * (c + shift[0]) + i01 * (c + shift[1])) + c
     ty = -(i10 * (c + shift[0]) + i11 * (c + shift[1])) + c
-    # Flip: x_in = size-1 - x_folded.
     row0 = tf.where(flip, tf.stack([-i00, -i01, size - 1.0 - tx]), tf.stack([i00, i01, tx]))
     transform = tf.concat([row0, tf.stack([i10, i11, ty]), tf.zeros([2])], axis=0)[None]
-    del a00, a01, a10, a11, bx, by, fx
     warped = tf.raw_ops.ImageProjectiveTransformV3(
         images=image[None], transforms=transform, output_shape=tf.shape(image)[:2],
         fill_value=0.0, interpolation="BILINEAR", fill_mode="REFLECT",

@@ -1,6 +1,5 @@
 import numpy as np
 import pytest
-import tensorflow as tf
 
 from data_prep.synthetic_faces import make_face, make_split
 from lgcn_jax import input_pipeline as ip
