@@ -16,10 +16,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", help="JSON report path (default WORKDIR/eval_SPLIT.json)")
     args = p.parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    import numpy as np
-
     import lgcn_jax
-    from lgcn_jax import input_pipeline, metrics
+    from lgcn_jax import input_pipeline, metrics, train
     from lgcn_jax.input_pipeline import DatasetError
 
     try:
@@ -28,11 +26,7 @@ def main(argv=None) -> int:
     except (lgcn_jax.CheckpointError, DatasetError) as e:
         print(f"run_eval.py: error: {e}", file=sys.stderr)
         return 1
-    preds = []
-    for batch in input_pipeline.eval_batches(data, 32):
-        keep = batch["valid"] > 0
-        preds.append(np.asarray(lgcn_jax.eval_step(params, batch["image"]))[keep])
-    pred = np.concatenate(preds)
+    pred = train.predict_split(params, data)
     report = {"split": args.split, "num_faces": int(len(pred))}
     for norm in ("inter_ocular", "inter_pupil"):
         errors = metrics.nme(pred, data["landmarks"], norm)

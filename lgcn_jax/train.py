@@ -20,7 +20,7 @@ from lgcn_jax.config import Config, TrainConfig
 from lgcn_jax.heatmaps import argmax_subpixel
 from lgcn_jax.loss import heatmap_loss
 
-__all__ = ["TrainState", "make_optimizer", "create_train_state", "loss", "train_step", "eval_step", "evaluate", "train_and_evaluate"]
+__all__ = ["TrainState", "make_optimizer", "create_train_state", "loss", "train_step", "eval_step", "predict_split", "evaluate", "train_and_evaluate"]
 
 log = logging.getLogger("lgcn_jax")
 
@@ -96,17 +96,20 @@ def eval_step(net: network.LGCNParams, images: jax.Array) -> jax.Array:
     return argmax_subpixel(network.apply(net, images))[0]
 
 
-def evaluate(net: network.LGCNParams, data: dict, batch_size: int = 32, max_batches: int = 0) -> dict:
-    """NME (inter-ocular) of the arg-max decoder on a split held in memory."""
-    preds, gts = [], []
+def predict_split(net: network.LGCNParams, data: dict, batch_size: int = 32, max_batches: int = 0) -> np.ndarray:
+    """Landmarks f32[N, L, 2] for the first ``max_batches`` batches (0: all) of a split held in memory."""
+    preds = []
     for k, batch in enumerate(input_pipeline.eval_batches(data, batch_size)):
         if max_batches and k >= max_batches:
             break
-        keep = batch["valid"] > 0
-        preds.append(np.asarray(eval_step(net, batch["image"]))[keep])
-        gts.append(batch["landmarks"][keep])
-    pred, gt = np.concatenate(preds), np.concatenate(gts)
-    errors = metrics.nme(pred, gt)
+        preds.append(np.asarray(eval_step(net, batch["image"]))[batch["valid"] > 0])
+    return np.concatenate(preds)
+
+
+def evaluate(net: network.LGCNParams, data: dict, batch_size: int = 32, max_batches: int = 0) -> dict:
+    """NME (inter-ocular) of the arg-max decoder on a split held in memory."""
+    pred = predict_split(net, data, batch_size, max_batches)
+    errors = metrics.nme(pred, data["landmarks"][: len(pred)])
     auc, failure = metrics.auc_and_failure(errors)
     return {"nme": float(errors.mean()), "auc": auc, "failure_rate": failure, "num_faces": int(len(errors))}
 
