@@ -1,45 +1,76 @@
-"""Evaluate a trained LGCN.  Example: python run_eval.py --workdir ckpt --split validation"""
+"""Evaluate a trained LGCN on 300-W (or the synthetic data): NME, AUC, failure rate, CED plot.
+
+Examples:
+  python run_eval.py --workdir ckpt --split challenging
+  python run_eval.py --checkpoint checkpoints/synthetic_quick --split validation,test --no_shape_model
+"""
 
 from __future__ import annotations
 
 import argparse
-import json
+import dataclasses
 import os
 import sys
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--workdir", required=True, help="a run_train.py workdir")
-    p.add_argument("--split", default="validation", help="synthetic: validation/test; 300w: common/challenging/full/test")
-    p.add_argument("--which", choices=["best", "last"], default="best", help="which checkpoint to load")
-    p.add_argument("--out", help="JSON report path (default WORKDIR/eval_SPLIT.json)")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--workdir", help="a run_train.py workdir")
+    src.add_argument("--checkpoint", help="a checkpoint folder (a workdir or an exported one, e.g. under checkpoints/)")
+    p.add_argument("--split", default=None,
+                   help="comma-separated; 300w: common, challenging, full, test (default: common,challenging,full); "
+                        "synthetic: validation, test (default: test)")
+    p.add_argument("--which", choices=["best", "last"], default="best", help="which checkpoint of a workdir to load")
+    p.add_argument("--no_shape_model", action="store_true", help="decode by sub-pixel arg-max only, without the PCA shape model")
+    p.add_argument("--config", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="post-processing and data overrides, e.g. postprocess.local_windows=() data.data_dir=/data/tfds")
+    p.add_argument("--data_dir", help="shortcut for data.data_dir")
+    p.add_argument("--batch_size", type=int, default=32)
+    p.add_argument("--out", help="folder for eval_SPLIT.json and ced_SPLIT.png (_argmax appended with --no_shape_model; default: CHECKPOINT/eval)")
+    p.add_argument("--no_progress", action="store_true")
     args = p.parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import lgcn_jax
-    from lgcn_jax import input_pipeline, metrics, train
+    from lgcn_jax import evaluation, input_pipeline
     from lgcn_jax.input_pipeline import DatasetError
 
+    path = args.workdir or args.checkpoint
     try:
-        params, config = lgcn_jax.load_params(args.workdir, which=args.which)
-        data = input_pipeline.load_split(config.data, args.split)
-    except (lgcn_jax.CheckpointError, DatasetError) as e:
+        model = lgcn_jax.load_model(path, which=args.which, require_shape_model=not args.no_shape_model)
+        overrides = list(args.config) + ([f"data.data_dir={args.data_dir}"] if args.data_dir else [])
+        bad = [o for o in overrides if not o.startswith(("postprocess.", "data."))]
+        if bad:
+            raise ValueError(f"only postprocess.* and data.* can be overridden at evaluation, not {bad}")
+        config = lgcn_jax.apply_overrides(model.config, overrides)
+        if args.no_shape_model:
+            config = dataclasses.replace(config, postprocess=dataclasses.replace(config.postprocess, use_shape_model=False))
+        model = model._replace(config=config, shape_model=None if args.no_shape_model else model.shape_model)
+        default = "common,challenging,full" if config.data.dataset == "300w" else "test"
+        splits = [s for s in (args.split or default).split(",") if s]
+        data = {s: input_pipeline.load_split(config.data, s) for s in splits}
+    except (lgcn_jax.CheckpointError, lgcn_jax.ShapeModelError, DatasetError) as e:
         print(f"run_eval.py: error: {e}", file=sys.stderr)
         return 1
-    pred = train.predict_split(params, data)
-    report = {"split": args.split, "num_faces": int(len(pred))}
-    for norm in ("inter_ocular", "inter_pupil"):
-        errors = metrics.nme(pred, data["landmarks"], norm)
-        auc, failure = metrics.auc_and_failure(errors)
-        report[norm] = {"nme": float(errors.mean()), "auc@0.08": auc, "failure@0.08": failure, "per_image": errors.tolist()}
-    out = args.out or os.path.join(args.workdir, f"eval_{args.split}.json")
-    with open(out, "w") as f:
-        json.dump(report, f, indent=1)
-    print(f"{'split':<12}{'norm':<14}{'NME %':>8}{'AUC@0.08':>10}{'fail %':>8}")
-    for norm in ("inter_ocular", "inter_pupil"):
-        r = report[norm]
-        print(f"{args.split:<12}{norm:<14}{100 * r['nme']:>8.2f}{r['auc@0.08']:>10.4f}{100 * r['failure@0.08']:>8.2f}")
-    print(f"report: {out}")
+    except ValueError as e:
+        print(f"run_eval.py: error: {e}", file=sys.stderr)
+        return 2
+    out_dir = args.out or os.path.join(path, "eval")
+    decoder = "argmax" if args.no_shape_model else "shape_model"
+    suffix = "_argmax" if args.no_shape_model else ""
+    reports = {}
+    for split, d in data.items():
+        pred = evaluation.predict_landmarks(model, d, args.batch_size, progress=not args.no_progress)
+        rep = {"split": split, "dataset": config.data.dataset, "checkpoint": os.path.abspath(path), "decoder": decoder,
+               "postprocess": dataclasses.asdict(config.postprocess), "num_faces": int(len(pred))}
+        rep.update(evaluation.evaluate_landmarks(pred, d["landmarks"]))
+        rep["json"] = evaluation.write_report(rep, os.path.join(out_dir, f"eval_{split}{suffix}.json"))
+        errors = {norm: rep[norm]["per_image"] for norm in evaluation.NORMS}
+        rep["png"] = evaluation.plot_ced(errors, os.path.join(out_dir, f"ced_{split}{suffix}.png"), title=f"{config.data.dataset} {split} ({decoder})")
+        reports[split] = rep
+    print(evaluation.format_table(reports))
+    for rep in reports.values():
+        print(f"{rep['split']}: {rep['json']}  {rep['png']}")
     return 0
 
 

@@ -16,6 +16,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dataset", choices=["synthetic", "300w"], help="shortcut for data.dataset")
     p.add_argument("--data_dir", help="shortcut for data.data_dir (TFDS data directory)")
     p.add_argument("--no_progress", action="store_true", help="no progress bar (for logs)")
+    p.add_argument("--shape_model_only", action="store_true",
+                   help="only (re)build WORKDIR/shape_model.npz from the training split of the workdir's stored config")
     return p.parse_args(argv)
 
 
@@ -38,6 +40,18 @@ def main(argv=None) -> int:
     except ValueError as e:
         print(f"run_train.py: error: {e}", file=sys.stderr)
         return 2
+    if args.shape_model_only:
+        from lgcn_jax import checkpoint, train
+
+        try:
+            stored = checkpoint.read_config(args.workdir)
+            existed = os.path.exists(os.path.join(args.workdir, "shape_model.npz"))
+            path = train.build_shape_model(stored, args.workdir)
+        except (lgcn_jax.CheckpointError, DatasetError) as e:
+            print(f"run_train.py: error: {e}", file=sys.stderr)
+            return 1
+        print(f"{'replaced' if existed else 'wrote'} {path}")
+        return 0
     try:
         result = lgcn_jax.train_and_evaluate(config, args.workdir, progress=not args.no_progress)
     except (lgcn_jax.CheckpointError, DatasetError) as e:

@@ -15,6 +15,7 @@ __all__ = [
     "ModelConfig",
     "TrainConfig",
     "DataConfig",
+    "PostprocessConfig",
     "Config",
     "PRESETS",
     "get_config",
@@ -89,10 +90,27 @@ class DataConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class PostprocessConfig:
+    """Heatmaps -> landmarks with the PCA shape model.  Defaults are the authors' [M]."""
+
+    use_shape_model: bool = True  # False: per-map arg-max with sub-pixel refinement only
+    num_components: int = 12  # principal components used in the fit (at most those stored)
+    confidence_threshold: float = 0.1  # heatmap value at a point for it to count in the rotation estimate
+    weight_floor: float = 0.01  # heatmap values at or below this carry no weight in the fit
+    constraints: bool = True  # keep the fit within the coordinate orders of all training shapes
+    # Local refits use only pixels within these half-widths (pixels of a 96-pixel heatmap,
+    # scaled with the heatmap size) of the previous fit; () switches local fitting off.
+    local_windows: tuple[int, ...] = (20, 7)
+    blend: bool = True  # final point: mix of the fit and the nearest local maximum, by its value
+    solver_iterations: int = 30  # interior-point iterations of the constrained least squares
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
     data: DataConfig = DataConfig()
+    postprocess: PostprocessConfig = PostprocessConfig()
 
 
 def _quick() -> Config:
@@ -208,6 +226,11 @@ def validate(config: Config) -> None:
             raise ValueError(f"model.{name} must be positive")
     if t.batch_size < 1 or t.num_steps < 0:
         raise ValueError("train.batch_size must be positive and train.num_steps non-negative")
+    pp = config.postprocess
+    if pp.num_components < 1 or pp.solver_iterations < 1:
+        raise ValueError("postprocess.num_components and postprocess.solver_iterations must be positive")
+    if any(w < 1 for w in pp.local_windows):
+        raise ValueError(f"postprocess.local_windows must be positive half-widths, got {pp.local_windows}")
 
 
 def config_to_dict(config: Config) -> dict:
@@ -217,7 +240,8 @@ def config_to_dict(config: Config) -> dict:
 def config_from_dict(d: Mapping[str, Any]) -> Config:
     sections = {}
     for f in dataclasses.fields(Config):
-        cls = f.type if isinstance(f.type, type) else {"ModelConfig": ModelConfig, "TrainConfig": TrainConfig, "DataConfig": DataConfig}[f.type]
+        cls = f.type if isinstance(f.type, type) else {"ModelConfig": ModelConfig, "TrainConfig": TrainConfig, "DataConfig": DataConfig,
+                                                              "PostprocessConfig": PostprocessConfig}[f.type]
         hints = typing.get_type_hints(cls)
         raw = dict(d.get(f.name, {}))
         unknown = set(raw) - set(hints)

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 
 from lgcn_jax.kernel_conv import Kernel
 
-__all__ = ["tent_weights", "splat", "render_targets", "argmax_subpixel"]
+__all__ = ["tent_weights", "splat", "render_targets", "argmax_subpixel", "refine_at", "refine_flat"]
 
 
 def tent_weights(coord: jax.Array, n: int) -> jax.Array:
@@ -71,18 +71,20 @@ def _log_parabola_offset(left: jax.Array, mid: jax.Array, right: jax.Array) -> j
     return jnp.where(ok, jnp.clip(offset, -0.5, 0.5), 0.0)
 
 
-def argmax_subpixel(heatmaps: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Per-map maximum refined to sub-pixel accuracy by a log-parabola fit along x and y.
+def refine_at(heatmaps: jax.Array, iy: jax.Array, ix: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Sub-pixel peak position around integer pixels by a log-parabola fit along x and y.
 
     Args:
-      heatmaps: f32[B, H, W, L].
+      heatmaps: f32[B, H, W, L]; iy, ix: i32[B, L] pixel of each map's peak.
     Returns:
-      landmarks f32[B, L, 2] as (x, y), and peak values f32[B, L].
+      landmarks f32[B, L, 2] as (x, y), and the values at (iy, ix) f32[B, L].
     """
     b, h, w, l = heatmaps.shape
-    maps = jnp.transpose(heatmaps, (0, 3, 1, 2)).reshape(b, l, h * w)
-    idx = jnp.argmax(maps, axis=-1)
-    iy, ix = idx // w, idx % w
+    return refine_flat(jnp.transpose(heatmaps, (0, 3, 1, 2)).reshape(b, l, h * w), h, w, iy, ix)
+
+
+def refine_flat(maps: jax.Array, h: int, w: int, iy: jax.Array, ix: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``refine_at`` for maps already laid out as f32[..., L, H*W]."""
 
     def at(y, x):
         return jnp.take_along_axis(maps, (jnp.clip(y, 0, h - 1) * w + jnp.clip(x, 0, w - 1))[..., None], axis=-1)[..., 0]
@@ -96,3 +98,17 @@ def argmax_subpixel(heatmaps: jax.Array) -> tuple[jax.Array, jax.Array]:
     x = ix + _log_parabola_offset(left, peak, right)
     y = iy + _log_parabola_offset(up, peak, down)
     return jnp.stack([x, y], axis=-1).astype(jnp.float32), peak
+
+
+def argmax_subpixel(heatmaps: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Per-map maximum refined to sub-pixel accuracy by a log-parabola fit along x and y.
+
+    Args:
+      heatmaps: f32[B, H, W, L].
+    Returns:
+      landmarks f32[B, L, 2] as (x, y), and peak values f32[B, L].
+    """
+    b, h, w, l = heatmaps.shape
+    maps = jnp.transpose(heatmaps, (0, 3, 1, 2)).reshape(b, l, h * w)
+    idx = jnp.argmax(maps, axis=-1)
+    return refine_flat(maps, h, w, idx // w, idx % w)

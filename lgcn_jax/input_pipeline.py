@@ -68,10 +68,13 @@ def load_split(config: DataConfig, split: str) -> dict[str, np.ndarray]:
             builder.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
     elif config.dataset == "300w":
         try:
-            from data_prep.build_300w import Face300W  # built by data_prep.build_300w
-        except ImportError as e:  # pragma: no cover - depends on the 300-W builder
+            from data_prep.build_300w import Face300W, config_for
+        except ImportError as e:  # pragma: no cover - a broken install
             raise DatasetError(f"the 300-W builder is not available in this install: {e}") from e
-        builder = Face300W(data_dir=data_dir)
+
+        # Crops built at this size if there are any, else the 96-pixel build, resized below.
+        sized = os.path.isdir(os.path.join(data_dir, Face300W.name, f"crop{config.image_size}"))
+        builder = Face300W(data_dir=data_dir, config=config_for(config.image_size) if sized else "crop96")
         if not builder.is_prepared():
             raise DatasetError(
                 f"300-W is not built under {data_dir}; run "

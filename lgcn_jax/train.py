@@ -16,11 +16,12 @@ from flax import struct
 
 from lgcn_jax import checkpoint as ckpt_lib
 from lgcn_jax import input_pipeline, metrics, network
+from lgcn_jax import shape_model as shape_model_lib
 from lgcn_jax.config import Config, TrainConfig
 from lgcn_jax.heatmaps import argmax_subpixel
 from lgcn_jax.loss import heatmap_loss
 
-__all__ = ["TrainState", "make_optimizer", "create_train_state", "loss", "train_step", "eval_step", "predict_split", "evaluate", "train_and_evaluate"]
+__all__ = ["TrainState", "make_optimizer", "create_train_state", "loss", "train_step", "eval_step", "predict_split", "evaluate", "build_shape_model", "train_and_evaluate"]
 
 log = logging.getLogger("lgcn_jax")
 
@@ -114,6 +115,21 @@ def evaluate(net: network.LGCNParams, data: dict, batch_size: int = 32, max_batc
     return {"nme": float(errors.mean()), "auc": auc, "failure_rate": failure, "num_faces": int(len(errors))}
 
 
+def build_shape_model(config: Config, workdir: str, train_data: dict | None = None) -> str:
+    """Learn the PCA shape model from the training split's landmarks and save it in ``workdir``; returns its path."""
+    if train_data is None:
+        train_data = input_pipeline.load_split(config.data, "train")
+    n = len(train_data["landmarks"])
+    k = min(config.postprocess.num_components, n - 1)
+    if k < config.postprocess.num_components:
+        log.warning("only %d training shapes: the shape model keeps %d components, not %d", n, k, config.postprocess.num_components)
+    sm = shape_model_lib.build_shape_model(train_data["landmarks"], config.data.image_size, k)
+    path = shape_model_lib.save_shape_model(workdir, sm)
+    log.info("shape model from %d training shapes: %d components, %d order constraints -> %s",
+             len(train_data["landmarks"]), sm.num_components, int(sm.lower.shape[0]), path)
+    return path
+
+
 def _summary_writer(workdir: str):
     import tensorflow as tf
 
@@ -142,6 +158,8 @@ def train_and_evaluate(config: Config, workdir: str, progress: bool = True) -> d
     elif stored is None:
         log.info("fresh run in %s", workdir)
     ckpt_lib.write_config(workdir, config)
+    if not os.path.exists(os.path.join(workdir, shape_model_lib.FILENAME)):
+        build_shape_model(config, workdir, train_data)
     writer = _summary_writer(workdir)
     result: dict = {}
     if start == 0:

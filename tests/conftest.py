@@ -38,3 +38,14 @@ def synthetic_data_dir(tmp_path_factory):
         synthetic_tfds.SPLIT_SIZES.clear()
         synthetic_tfds.SPLIT_SIZES.update(old)
     return data_dir
+
+
+@pytest.fixture(scope="session")
+def trained_workdir(tmp_path_factory, synthetic_data_dir):
+    """A workdir after a few steps of the tiny config: checkpoints, config.json and shape_model.npz."""
+    import lgcn_jax
+
+    workdir = str(tmp_path_factory.mktemp("run") / "ckpt")
+    cfg = lgcn_jax.apply_overrides(tiny_config(num_steps=4, eval_every=4, checkpoint_every=4), [f"data.data_dir={synthetic_data_dir}"])
+    lgcn_jax.train_and_evaluate(cfg, workdir, progress=False)
+    return workdir

@@ -1,0 +1,38 @@
+"""Shared helpers of the benchmarks: warm-up + median timing, machine description, peak RSS."""
+
+from __future__ import annotations
+
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+
+
+def median_time(fn, *args, repeats: int = 5, warmup: int = 1) -> float:
+    """Median wall time of ``fn(*args)`` in seconds after ``warmup`` calls (compilation included there)."""
+    for _ in range(warmup):
+        jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def machine() -> dict:
+    dev = jax.devices()[0]
+    return {"device": f"{dev.platform}:{getattr(dev, 'device_kind', '')}", "num_devices": jax.device_count(),
+            "cpu_count": os.cpu_count(), "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "python": platform.python_version(), "jax": jax.__version__}
+
+
+def peak_rss_mib() -> float:
+    """Peak resident set size of this process so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0

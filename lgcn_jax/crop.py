@@ -1,0 +1,69 @@
+"""Face crops: the box around a face, the crop itself, and coordinates between crop and image.
+
+Coordinates are (x, y) pixels with pixel centres at integers (pixel i spans
+[i - 0.5, i + 0.5]).  A box is (x0, y0, x1, y1) in those coordinates: its
+left/top and right/bottom *edges*.  A square box of side s cut into S x S crop
+pixels maps crop pixel u to x = x0 + (u + 0.5) * s / S.
+
+The training crop [I]: a square centred on the centre of the landmarks'
+bounding box, with side (1 + 2 * margin) * max(width, height), margin 0.2.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+__all__ = ["CROP_MARGIN", "landmark_box", "square_box", "crop", "to_crop", "to_original"]
+
+CROP_MARGIN = 0.2
+
+
+def square_box(center: np.ndarray, side: float) -> np.ndarray:
+    """f32[4] box (x0, y0, x1, y1) of a square with this centre and side."""
+    cx, cy = float(center[0]), float(center[1])
+    h = side / 2.0
+    return np.array([cx - h, cy - h, cx + h, cy + h], np.float32)
+
+
+def landmark_box(points: np.ndarray, margin: float = CROP_MARGIN) -> np.ndarray:
+    """The training crop box of a face from its landmarks f[L, 2]: f32[4]."""
+    p = np.asarray(points, np.float64)
+    lo, hi = p.min(0), p.max(0)
+    side = (1.0 + 2.0 * margin) * max(float((hi - lo).max()), 1.0)
+    return square_box((lo + hi) / 2.0, side)
+
+
+def to_crop(points, box, size: int) -> np.ndarray:
+    """Image coordinates f[..., L, 2] -> coordinates in the size x size crop of ``box`` f[..., 4]."""
+    box = np.asarray(box, np.float64)
+    scale = (box[..., 2] - box[..., 0]) / size
+    origin = box[..., None, :2]
+    return ((np.asarray(points, np.float64) - origin) / scale[..., None, None] - 0.5).astype(np.float32)
+
+
+def to_original(points, box, size: int) -> np.ndarray:
+    """Crop coordinates f[..., L, 2] of a size x size crop of ``box`` f[..., 4] -> image coordinates."""
+    box = np.asarray(box, np.float64)
+    scale = (box[..., 2] - box[..., 0]) / size
+    origin = box[..., None, :2]
+    return ((np.asarray(points, np.float64) + 0.5) * scale[..., None, None] + origin).astype(np.float32)
+
+
+def crop(gray: np.ndarray, box, size: int) -> np.ndarray:
+    """u8[size, size] crop of a u8[H, W] image; outside the image is black.
+
+    Large reductions are first box-filtered by an integer factor so that the
+    bilinear resampling does not alias.
+    """
+    im = Image.fromarray(np.asarray(gray, np.uint8))
+    x0, y0, x1, _ = (float(v) for v in box)
+    scale = (x1 - x0) / size  # image pixels per crop pixel
+    # PIL's affine transform works in edge coordinates (pixel i spans [i, i + 1]).
+    ex0, ey0 = x0 + 0.5, y0 + 0.5
+    factor = int(scale // 1.5)
+    if factor >= 2:
+        im = im.reduce(factor)
+        ex0, ey0, scale = ex0 / factor, ey0 / factor, scale / factor
+    out = im.transform((size, size), Image.Transform.AFFINE, (scale, 0.0, ex0, 0.0, scale, ey0), resample=Image.Resampling.BILINEAR, fillcolor=0)
+    return np.asarray(out, np.uint8)

@@ -1,0 +1,90 @@
+"""Evaluate a model on a split: landmarks, the paper's metrics, a JSON report and a CED plot."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+from lgcn_jax import input_pipeline, metrics
+from lgcn_jax.predict import Model, predict
+
+__all__ = ["predict_landmarks", "evaluate_landmarks", "write_report", "plot_ced", "format_table", "NORMS"]
+
+NORMS = ("inter_ocular", "inter_pupil")
+THRESHOLD = 0.08
+
+
+def predict_landmarks(model: Model, data: dict, batch_size: int = 32, progress: bool = False) -> np.ndarray:
+    """Landmarks f32[N, L, 2] for a split held in memory ({"image": u8[N, S, S, 1], ...})."""
+    from tqdm.auto import tqdm
+
+    n = len(data["image"])
+    out = []
+    with tqdm(total=n, disable=not progress, unit="face", desc="evaluating", dynamic_ncols=True) as bar:
+        for batch in input_pipeline.eval_batches(data, batch_size):
+            keep = batch["valid"] > 0
+            out.append(np.asarray(predict(model, batch["image"]))[keep])
+            bar.update(int(keep.sum()))
+    return np.concatenate(out) if out else np.zeros((0, model.params.config.num_landmarks, 2), np.float32)
+
+
+def evaluate_landmarks(pred: np.ndarray, gt: np.ndarray, threshold: float = THRESHOLD) -> dict:
+    """NME, AUC and failure rate at ``threshold`` for both normalisations, with per-image errors."""
+    report = {}
+    for norm in NORMS:
+        errors = metrics.nme(pred, gt, norm)
+        auc, failure = metrics.auc_and_failure(errors, threshold)
+        report[norm] = {"nme": float(errors.mean()), f"auc@{threshold}": auc, f"failure@{threshold}": failure, "per_image": errors.tolist()}
+    return report
+
+
+def write_report(report: dict, path: str) -> str:
+    """Write the report as JSON (atomically: an interrupted run leaves the previous file intact)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(report, f, indent=1)
+    os.replace(tmp, path)
+    return path
+
+
+def plot_ced(curves: dict[str, np.ndarray], path: str, title: str = "", threshold: float = THRESHOLD) -> str:
+    """Save cumulative error distribution curves (label -> per-image errors) as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 4), dpi=120)
+    for label, errors in curves.items():
+        x, y = metrics.ced_curve(errors, threshold)
+        auc, failure = metrics.auc_and_failure(errors, threshold)
+        ax.plot(x, y, label=f"{label}: AUC {auc:.3f}, fail {100 * failure:.1f}%")
+    ax.set_xlim(0, threshold)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("NME")
+    ax.set_ylabel("fraction of faces")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def format_table(reports: dict[str, dict], threshold: float = THRESHOLD) -> str:
+    """A small table like the paper's: one row per split and normalisation, NME and failures in %."""
+    lines = [f"{'split':<13}{'norm':<14}{'NME %':>8}{'AUC@' + str(threshold):>10}{'fail %':>8}{'faces':>7}"]
+    for split, rep in reports.items():
+        for norm in NORMS:
+            r = rep[norm]
+            lines.append(f"{split:<13}{norm:<14}{100 * r['nme']:>8.2f}{r[f'auc@{threshold}']:>10.4f}"
+                         f"{100 * r[f'failure@{threshold}']:>8.2f}{rep['num_faces']:>7}")
+    return "\n".join(lines)

@@ -1,0 +1,224 @@
+"""Shape model and post-processing: jnp against the NumPy/SciPy reference, recovery, robustness, errors."""
+
+import shutil
+import subprocess
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy import optimize
+
+import lgcn_jax
+from data_prep.synthetic_faces import make_face
+from lgcn_jax.config import PostprocessConfig
+from lgcn_jax.heatmaps import render_targets
+from lgcn_jax.network import model_kernel
+from lgcn_jax.postprocess import solve_qp
+from lgcn_jax.shape_model import ShapeModelError, build_shape_model, load_shape_model, save_shape_model
+from tests import reference_postprocess as ref
+
+SIZE = 64
+KERNEL = model_kernel(lgcn_jax.get_config("quick").model)  # the 31x31 kernel of 64-pixel crops
+
+
+@pytest.fixture(scope="module")
+def train_shapes():
+    return np.stack([make_face(s, SIZE)[1] for s in range(150)])
+
+
+@pytest.fixture(scope="module")
+def models(train_shapes):
+    return build_shape_model(train_shapes, SIZE), ref.build_model(train_shapes, SIZE)
+
+
+def _heatmaps(points, amplitude=None, noise=0.0, seed=0):
+    hm = np.asarray(render_targets(jnp.asarray(points, jnp.float32), SIZE, SIZE, KERNEL)[0])
+    rng = np.random.default_rng(seed)
+    if amplitude is not None:
+        hm = hm * amplitude
+    if noise:
+        hm = hm + noise * rng.normal(size=hm.shape)
+    return hm.astype(np.float32)
+
+
+def _test_faces(n, jitter=0.0, seed=1):
+    rng = np.random.default_rng(seed)
+    return np.stack([make_face(5000 + s, SIZE)[1] for s in range(n)]) + rng.normal(0, jitter, (n, 68, 2))
+
+
+def test_shape_model_matches_reference(models, train_shapes):
+    sm, rm = models
+    np.testing.assert_allclose(np.asarray(sm.mean), rm["mean"], atol=1e-4)
+    a, b = np.asarray(sm.components).reshape(12, -1), rm["components"].reshape(12, -1)
+    np.testing.assert_allclose(np.abs((a * b).sum(1)), (b * b).sum(1), rtol=1e-4)  # equal up to sign
+    # The reduced constraints imply exactly the full set of orders of the reference.
+    n = 136
+    reach = np.zeros((n, n), bool)
+    reach[np.asarray(sm.lower), np.asarray(sm.upper)] = True
+    for k in range(n):  # transitive closure (Floyd-Warshall)
+        reach |= reach[:, k:k + 1] & reach[k:k + 1, :]
+    full = np.zeros((n, n), bool)
+    full[rm["pairs"][:, 0], rm["pairs"][:, 1]] = True
+    np.testing.assert_array_equal(reach, full)
+    assert len(sm.lower) < len(rm["pairs"]) / 3
+
+
+def test_shape_model_save_load_round_trip(models, tmp_path):
+    sm, _ = models
+    save_shape_model(str(tmp_path), sm)
+    back = load_shape_model(str(tmp_path))
+    for f in ("mean", "components", "lower", "upper"):
+        np.testing.assert_array_equal(np.asarray(getattr(back, f)), np.asarray(getattr(sm, f)))
+    assert back.image_size == SIZE
+
+
+def test_shape_model_file_errors(tmp_path):
+    with pytest.raises(ShapeModelError, match="no shape model.*--shape_model_only"):
+        load_shape_model(str(tmp_path))
+    (tmp_path / "shape_model.npz").write_bytes(b"not a zip")
+    with pytest.raises(ShapeModelError, match="corrupt"):
+        load_shape_model(str(tmp_path))
+    with pytest.raises(ValueError, match="at least 13"):
+        build_shape_model(np.zeros((5, 68, 2)), SIZE)
+
+
+def test_qp_solver_matches_scipy():
+    rng = np.random.default_rng(0)
+    for trial in range(5):
+        k, m = 12, 300
+        q = rng.normal(size=(k, k))
+        hess = q @ q.T + 0.1 * np.eye(k)
+        grad = rng.normal(size=k) * 10
+        a = rng.normal(size=(m, k))
+        bound = rng.uniform(0.1, 2.0, m)  # x = 0 strictly feasible
+        x = np.asarray(solve_qp(jnp.asarray(hess, jnp.float32), jnp.asarray(grad, jnp.float32), jnp.asarray(a, jnp.float32),
+                                jnp.asarray(bound, jnp.float32), 30))
+        res = optimize.minimize(lambda z: 0.5 * z @ hess @ z + grad @ z, np.zeros(k), jac=lambda z: hess @ z + grad, method="SLSQP",
+                                constraints=[{"type": "ineq", "fun": lambda z: bound - a @ z, "jac": lambda z: -a}], options={"ftol": 1e-11, "maxiter": 500})
+        assert res.success
+        assert np.sum(a @ res.x > bound - 1e-6) >= 1  # the test is only meaningful with active constraints
+        np.testing.assert_allclose(x, res.x, atol=2e-3 * max(1.0, np.abs(res.x).max()))
+        assert np.all(a @ x <= bound + 1e-3)
+
+
+STAGES = [
+    ("global", dict(windows=(), blend=False), PostprocessConfig(local_windows=(), blend=False)),
+    ("global+local", dict(blend=False), PostprocessConfig(blend=False)),
+    ("full", {}, PostprocessConfig()),
+    ("unconstrained", dict(constraints=False), PostprocessConfig(constraints=False)),
+]
+
+
+@pytest.mark.parametrize("name,ref_kw,cfg", STAGES, ids=[s[0] for s in STAGES])
+def test_postprocess_matches_reference(models, name, ref_kw, cfg):
+    """Noisy heatmaps of uneven confidence at jittered shapes: jnp (f32, interior point) == SciPy (f64, SLSQP)."""
+    sm, rm = models
+    rng = np.random.default_rng(3)
+    hm = _heatmaps(_test_faces(2, jitter=1.5), amplitude=rng.uniform(0.05, 1.0, (2, 1, 1, 68)), noise=0.02, seed=3)
+    want = ref.postprocess(hm, rm, **ref_kw)
+    got = np.asarray(lgcn_jax.postprocess(hm, sm, cfg))
+    np.testing.assert_allclose(got, want, atol=0.02)
+
+
+def test_exact_recovery_from_rendered_heatmaps(models):
+    sm, _ = models
+    truth = _test_faces(8)
+    hm = _heatmaps(truth)
+    argmax = np.asarray(lgcn_jax.postprocess(hm, None, PostprocessConfig(use_shape_model=False)))
+    assert np.abs(argmax - truth).max() < 0.1
+    full, conf = lgcn_jax.postprocess_with_confidence(hm, sm)
+    err = np.linalg.norm(np.asarray(full) - truth, axis=-1)
+    # The blend weight is the peak value (0.85-0.99 for sub-pixel peaks), so a few % of the fit's error
+    # (up to ~1 px here) stays on top of the arg-max's.
+    assert err.mean() < 0.08 and err.max() < 0.15
+    assert np.all(np.asarray(conf) > 0.85)
+
+
+def test_false_peak_is_pulled_back(models):
+    """One map with a strong false peak 25+ px away and a weak true one: arg-max jumps, the shape model does not."""
+    sm, _ = models
+    truth = _test_faces(1)
+    lm = 30  # nose tip
+    wrong = truth.copy()
+    wrong[0, lm] = truth[0, lm] + np.array([22.0, 16.0])
+    hm = _heatmaps(truth)
+    true_map = hm[0, :, :, lm].copy()
+    hm[0, :, :, lm] = _heatmaps(wrong)[0, :, :, lm] + 0.3 * true_map
+    argmax = np.asarray(lgcn_jax.postprocess(hm, None, PostprocessConfig(use_shape_model=False)))
+    assert np.linalg.norm(argmax[0, lm] - truth[0, lm]) > 20
+    fit = np.asarray(lgcn_jax.postprocess(hm, sm, PostprocessConfig(blend=False)))
+    full = np.asarray(lgcn_jax.postprocess(hm, sm))
+    assert np.linalg.norm(fit[0, lm] - truth[0, lm]) < 3.0
+    assert np.linalg.norm(full[0, lm] - truth[0, lm]) < 3.0
+    others = np.delete(np.arange(68), lm)
+    assert np.linalg.norm(full[0, others] - truth[0, others], axis=-1).max() < 0.5
+
+
+def test_batch_equals_single_and_jit_vmap(models):
+    sm, _ = models
+    hm = _heatmaps(_test_faces(3, jitter=1.0), noise=0.01)
+    batch = np.asarray(lgcn_jax.postprocess(hm, sm))
+    single = np.concatenate([np.asarray(lgcn_jax.postprocess(hm[i:i + 1], sm)) for i in range(3)])
+    np.testing.assert_allclose(batch, single, atol=1e-4)
+
+
+def test_predict_is_apply_then_postprocess(models):
+    sm, _ = models
+    cfg = lgcn_jax.get_config("quick")
+    params = lgcn_jax.init(jax.random.key(0), cfg, image_size=SIZE)
+    images = jnp.asarray(np.stack([make_face(s, SIZE)[0] for s in range(2)])[..., None])
+    got = np.asarray(lgcn_jax.predict(params, images, sm))
+    want = np.asarray(lgcn_jax.postprocess(lgcn_jax.apply(params, images), sm))
+    np.testing.assert_allclose(got, want, atol=1e-3)
+    plain = np.asarray(lgcn_jax.predict(params, images))  # no shape model: arg-max decoding
+    np.testing.assert_allclose(plain, np.asarray(lgcn_jax.argmax_subpixel(lgcn_jax.apply(params, images))[0]), atol=1e-5)
+
+
+def test_bad_heatmaps_and_missing_model(models):
+    sm, _ = models
+    with pytest.raises(ValueError, match="67 channels but the shape model has 68"):
+        lgcn_jax.postprocess(np.zeros((1, SIZE, SIZE, 67), np.float32), sm)
+    with pytest.raises(ValueError, match="built for 64x64"):
+        lgcn_jax.postprocess(np.zeros((1, 32, 32, 68), np.float32), sm)
+    with pytest.raises(ValueError, match=r"\[B, H, W, L\]"):
+        lgcn_jax.postprocess(np.zeros((SIZE, SIZE, 68), np.float32), sm)
+    with pytest.raises(ValueError, match="no shape model given"):
+        lgcn_jax.postprocess(np.zeros((1, SIZE, SIZE, 68), np.float32), None)
+
+
+def _eval(args, capsys):
+    import run_eval
+
+    capsys.readouterr()
+    code = run_eval.main(["--no_progress", *args])
+    out = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, out.out, out.err)
+
+
+def test_run_eval_writes_report_and_ced(trained_workdir, tmp_path, capsys):
+    import json
+
+    out = tmp_path / "eval"
+    r = _eval(["--workdir", trained_workdir, "--split", "validation,test", "--out", str(out)], capsys)
+    assert r.returncode == 0, r.stderr
+    assert "inter_ocular" in r.stdout and "inter_pupil" in r.stdout
+    rep = json.loads((out / "eval_test.json").read_text())
+    assert rep["num_faces"] == 16 and len(rep["inter_pupil"]["per_image"]) == 16 and rep["decoder"] == "shape_model"
+    errs = np.array(rep["inter_ocular"]["per_image"])
+    assert rep["inter_ocular"]["nme"] == pytest.approx(errs.mean())
+    assert rep["inter_ocular"]["failure@0.08"] == pytest.approx(np.mean(errs > 0.08))
+    png = (out / "ced_validation.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+
+
+def test_run_eval_errors(trained_workdir, tmp_path, capsys):
+    r = _eval(["--workdir", trained_workdir, "--split", "challenging", "--out", str(tmp_path)], capsys)
+    assert r.returncode == 1 and "split 'challenging' does not exist" in r.stderr
+    bare = tmp_path / "bare"
+    shutil.copytree(trained_workdir, bare, ignore=shutil.ignore_patterns("shape_model.npz", "eval"))
+    r = _eval(["--workdir", str(bare), "--split", "test", "--out", str(tmp_path)], capsys)
+    assert r.returncode == 1 and "no shape model" in r.stderr and "--shape_model_only" in r.stderr
+    r = _eval(["--workdir", str(bare), "--split", "test", "--out", str(tmp_path), "--no_shape_model"], capsys)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "eval_test_argmax.json").exists()
