@@ -64,6 +64,8 @@ def main(argv=None) -> int:
         rep = {"split": split, "dataset": config.data.dataset, "checkpoint": os.path.abspath(path), "decoder": decoder,
                "postprocess": dataclasses.asdict(config.postprocess), "num_faces": int(len(pred))}
         rep.update(evaluation.evaluate_landmarks(pred, d["landmarks"]))
+        if "file_name" in d:
+            rep["file_names"] = [str(f) for f in d["file_name"]]  # aligned with the per_image lists
         rep["json"] = evaluation.write_report(rep, os.path.join(out_dir, f"eval_{split}{suffix}.json"))
         errors = {norm: rep[norm]["per_image"] for norm in evaluation.NORMS}
         rep["png"] = evaluation.plot_ced(errors, os.path.join(out_dir, f"ced_{split}{suffix}.png"), title=f"{config.data.dataset} {split} ({decoder})")

@@ -10,12 +10,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import statistics
-import sys
-import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from common import machine, median_time
 
 import jax
 import jax.numpy as jnp
@@ -23,16 +19,6 @@ import jax.numpy as jnp
 from lgcn_jax.config import ModelConfig
 from lgcn_jax.kernel_conv import kernel_conv, kernel_conv_direct
 from lgcn_jax.network import model_kernel
-
-
-def median_time(fn, x, repeats: int) -> float:
-    jax.block_until_ready(fn(x))  # compile + warm up
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        jax.block_until_ready(fn(x))
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 def main(argv=None) -> dict:
@@ -57,11 +43,10 @@ def main(argv=None) -> dict:
         direct_bwd = jax.jit(lambda xc: jax.vjp(lambda x: kernel_conv_direct(x, k), xc[0])[1](xc[1])[0])
         err = float(jnp.linalg.norm(fast(x) - direct(x)) / jnp.linalg.norm(direct(x)))
         for name, f, d, arg in (("forward", fast, direct, x), ("backward", fast_bwd, direct_bwd, (x, ct))):
-            tf, td = median_time(f, arg, args.repeats), median_time(d, arg, args.direct_repeats)
+            tf, td = median_time(f, arg, repeats=args.repeats), median_time(d, arg, repeats=args.direct_repeats)
             rows.append({"batch": b, "pass": name, "ours_s": tf, "direct_s": td, "speedup": td / tf, "rel_err": err})
             print(f"B={b:<3} {name:<9} ours {tf * 1e3:9.1f} ms   direct {td * 1e3:10.1f} ms   speed-up {td / tf:7.1f}x   rel.err {err:.1e}", flush=True)
-    result = {"device": str(jax.devices()[0]), "platform": platform.platform(), "processor": platform.processor(),
-              "jax": jax.__version__, "kernel": repr(k), "shape": [args.size, args.size, args.channels], "rows": rows}
+    result = {"machine": machine(), "kernel": repr(k), "shape": [args.size, args.size, args.channels], "rows": rows}
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
     return result

@@ -7,6 +7,8 @@ Functional API::
 
     model = lgcn_jax.load_model("ckpt")            # params + PCA shape model + config
     landmarks = lgcn_jax.predict(model, images)    # f32[B, 68, 2], network + post-processing in one jit
+
+    faces = lgcn_jax.detect("photo.jpg")           # every face: box, 68 landmarks in photo pixels, confidence
 """
 
 from lgcn_jax.checkpoint import CheckpointError, load_params
@@ -16,17 +18,18 @@ from lgcn_jax.kernel_conv import Kernel, kernel_conv, kernel_conv_direct
 from lgcn_jax.loss import heatmap_loss
 from lgcn_jax.network import LGCNParams, apply, apply_train, init
 from lgcn_jax.postprocess import postprocess, postprocess_with_confidence
-from lgcn_jax.predict import Model, load_model, predict, predict_with_confidence
+from lgcn_jax.predict import Model, export_model, load_model, load_pretrained, predict, predict_with_confidence
+from lgcn_jax.detect import Face, detect, detect_batch
 from lgcn_jax.shape_model import ShapeModel, ShapeModelError, build_shape_model, load_shape_model, save_shape_model
 from lgcn_jax.train import create_train_state, eval_step, train_and_evaluate, train_step
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "CheckpointError", "Config", "DataConfig", "Kernel", "LGCNParams", "Model", "ModelConfig", "PostprocessConfig",
+    "CheckpointError", "Config", "DataConfig", "Face", "Kernel", "LGCNParams", "Model", "ModelConfig", "PostprocessConfig",
     "ShapeModel", "ShapeModelError", "TrainConfig",
-    "apply", "apply_overrides", "apply_train", "argmax_subpixel", "build_shape_model", "create_train_state", "eval_step",
-    "get_config", "heatmap_loss", "init", "kernel_conv", "kernel_conv_direct", "load_model", "load_params",
+    "apply", "apply_overrides", "apply_train", "argmax_subpixel", "build_shape_model", "create_train_state", "detect", "detect_batch", "eval_step", "export_model",
+    "get_config", "heatmap_loss", "init", "kernel_conv", "kernel_conv_direct", "load_model", "load_params", "load_pretrained",
     "load_shape_model", "postprocess", "postprocess_with_confidence", "predict", "predict_with_confidence",
     "render_targets", "save_shape_model", "train_and_evaluate", "train_step",
 ]

@@ -22,7 +22,7 @@ import orbax.checkpoint as ocp
 
 from lgcn_jax.config import Config, config_from_dict, config_to_dict
 
-__all__ = ["CheckpointError", "check_workdir_config", "write_config", "read_config", "Checkpoints", "load_params"]
+__all__ = ["CheckpointError", "check_workdir_config", "write_config", "read_config", "Checkpoints", "load_params", "export_params"]
 
 
 class CheckpointError(RuntimeError):
@@ -32,7 +32,7 @@ class CheckpointError(RuntimeError):
 def read_config(workdir: str) -> Config:
     path = os.path.join(workdir, "config.json")
     if not os.path.exists(path):
-        raise CheckpointError(f"{path} does not exist: {workdir} is not an lgcn_jax workdir (train one with run_train.py --workdir {workdir})")
+        raise CheckpointError(f"{path} does not exist: {workdir} is not an lgcn_jax workdir or checkpoint folder (train one with run_train.py --workdir {workdir})")
     try:
         with open(path) as f:
             return config_from_dict(json.load(f))
@@ -125,14 +125,55 @@ class Checkpoints:
         self.best.close()
 
 
+PARAMS_FILE = "params.msgpack"
+
+
+def export_params(directory: str, params, config: Config) -> None:
+    """Write a compact, orbax-free checkpoint: config.json and params.msgpack (flax serialization)."""
+    from flax import serialization
+
+    import dataclasses
+
+    os.makedirs(directory, exist_ok=True)
+    # The data folder is machine-specific; a released checkpoint should not point into someone's disk.
+    write_config(directory, dataclasses.replace(config, data=dataclasses.replace(config.data, data_dir="")))
+    path = os.path.join(directory, PARAMS_FILE)
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        f.write(serialization.msgpack_serialize(jax.device_get({"params": params.params, "batch_stats": params.batch_stats})))
+    os.replace(tmp, path)
+
+
+def _load_exported(path: str, config: Config):
+    from flax import serialization
+
+    from lgcn_jax import network
+
+    template = network.init(jax.random.key(0), config, image_size=config.data.image_size)
+    file = os.path.join(path, PARAMS_FILE)
+    try:
+        with open(file, "rb") as f:
+            state = serialization.msgpack_restore(f.read())
+        restored = serialization.from_state_dict({"params": template.params, "batch_stats": template.batch_stats}, state)
+        shapes = jax.tree_util.tree_map(lambda a, b: a.shape == b.shape, restored, {"params": template.params, "batch_stats": template.batch_stats})
+        if not all(jax.tree_util.tree_leaves(shapes)):
+            raise ValueError("array shapes differ from the network in config.json")
+    except Exception as e:  # msgpack, key and shape errors alike
+        raise CheckpointError(f"cannot load {file}: {type(e).__name__}: {e}\nIt is corrupt or does not match {path}/config.json; re-export it.") from e
+    return template.replace(params=restored["params"], batch_stats=restored["batch_stats"])
+
+
 def load_params(path: str, which: str = "best"):
-    """Load network parameters from a workdir: its best checkpoint (or last, or the latest if no best).
+    """Load network parameters from a workdir (its best checkpoint, or last, or the latest if no best)
+    or from an exported folder (config.json + params.msgpack).
 
     Returns (LGCNParams, Config).
     """
     from lgcn_jax import train
 
     config = read_config(path)
+    if os.path.exists(os.path.join(path, PARAMS_FILE)):
+        return _load_exported(path, config), config
     state = train.create_train_state(config)
     ckpts = Checkpoints(path)
     try:

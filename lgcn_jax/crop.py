@@ -14,9 +14,22 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-__all__ = ["CROP_MARGIN", "landmark_box", "square_box", "crop", "to_crop", "to_original"]
+__all__ = ["CROP_MARGIN", "crop_ratio", "similarity", "apply_affine", "invert_affine", "warp", "landmark_box", "square_box", "crop", "to_crop", "to_original"]
 
 CROP_MARGIN = 0.2
+
+
+# Crop side over the landmarks' extent in each dataset: 300-W crops are cut with the margin
+# above; the synthetic generator frames faces itself (0.535 +- 0.076 of the side, measured
+# on 200 faces), so its crops are 1 / 0.535 = 1.87 times the extent.
+_CROP_RATIOS = {"300w": 1.0 + 2.0 * CROP_MARGIN, "synthetic": 1.87}
+
+
+def crop_ratio(dataset: str) -> float:
+    """Side of a training crop over the longer side of its landmarks' box, for ``dataset``."""
+    if dataset not in _CROP_RATIOS:
+        raise ValueError(f"no crop framing known for dataset {dataset!r}; known: {sorted(_CROP_RATIOS)}")
+    return _CROP_RATIOS[dataset]
 
 
 def square_box(center: np.ndarray, side: float) -> np.ndarray:
@@ -66,4 +79,49 @@ def crop(gray: np.ndarray, box, size: int) -> np.ndarray:
         im = im.reduce(factor)
         ex0, ey0, scale = ex0 / factor, ey0 / factor, scale / factor
     out = im.transform((size, size), Image.Transform.AFFINE, (scale, 0.0, ex0, 0.0, scale, ey0), resample=Image.Resampling.BILINEAR, fillcolor=0)
+    return np.asarray(out, np.uint8)
+
+
+def similarity(center, side: float, angle: float, size: int) -> np.ndarray:
+    """f64[2, 3] affine map from crop pixels to image pixels of a square crop.
+
+    The crop is ``side`` image pixels wide, centred on ``center`` and rotated by
+    ``angle`` radians (counter-clockwise in (x, y) image axes: a face rolled by
+    ``angle`` comes out upright).  With angle 0 it equals the box mapping above.
+    """
+    s = side / size
+    c, si = np.cos(angle) * s, np.sin(angle) * s
+    half = (size - 1) / 2.0  # crop pixel centre of the square
+    cx, cy = float(center[0]), float(center[1])
+    return np.array([[c, -si, cx - c * half + si * half], [si, c, cy - si * half - c * half]])
+
+
+def apply_affine(matrix: np.ndarray, points: np.ndarray) -> np.ndarray:
+    """f32[..., 2] points mapped by a f[2, 3] affine matrix."""
+    p = np.asarray(points, np.float64)
+    return (p @ matrix[:, :2].T + matrix[:, 2]).astype(np.float32)
+
+
+def invert_affine(matrix: np.ndarray) -> np.ndarray:
+    a = np.linalg.inv(matrix[:, :2])
+    return np.concatenate([a, -a @ matrix[:, 2:]], axis=1)
+
+
+def warp(gray: np.ndarray, matrix: np.ndarray, size: int) -> np.ndarray:
+    """u8[size, size] crop whose pixel u shows image point matrix @ (u, 1); outside is black.
+
+    Large reductions are box-filtered by an integer factor first, as in ``crop``.
+    """
+    im = Image.fromarray(np.asarray(gray, np.uint8))
+    m = np.asarray(matrix, np.float64).copy()
+    scale = float(np.sqrt(abs(np.linalg.det(m[:, :2]))))
+    factor = int(scale // 1.5)
+    # Edge coordinates for PIL: x_edge = x + 0.5 on both sides.
+    m_edge = m.copy()
+    m_edge[:, 2] = m[:, 2] + 0.5 - 0.5 * (m[:, 0] + m[:, 1])
+    if factor >= 2:
+        im = im.reduce(factor)
+        m_edge = m_edge / factor
+    coeffs = (m_edge[0, 0], m_edge[0, 1], m_edge[0, 2], m_edge[1, 0], m_edge[1, 1], m_edge[1, 2])
+    out = im.transform((size, size), Image.Transform.AFFINE, coeffs, resample=Image.Resampling.BILINEAR, fillcolor=0)
     return np.asarray(out, np.uint8)

@@ -54,7 +54,7 @@ _SPLIT_ALIASES = {"synthetic": {"val": "validation"}, "300w": {}}
 def load_split(config: DataConfig, split: str) -> dict[str, np.ndarray]:
     """Load a whole split into memory, building the dataset first if needed.
 
-    Returns {"image": u8[N, S, S, 1], "landmarks": f32[N, 68, 2]}.
+    Returns {"image": u8[N, S, S, 1], "landmarks": f32[N, 68, 2]} (and "file_name" str[N] for 300-W).
     """
     import tensorflow_datasets as tfds
 
@@ -96,7 +96,10 @@ def load_split(config: DataConfig, split: str) -> dict[str, np.ndarray]:
         images = _resize(images, config.image_size)
         # Pixel centres: continuous coordinate u = x + 0.5 scales with the image.
         landmarks = (landmarks + 0.5) * (config.image_size / stored) - 0.5
-    return {"image": images, "landmarks": landmarks}
+    out = {"image": images, "landmarks": landmarks}
+    if "file_name" in arrays:  # 300-W: which photo each face came from
+        out["file_name"] = np.array([f.decode() if isinstance(f, bytes) else str(f) for f in arrays["file_name"]])
+    return out
 
 
 def _resize(images: np.ndarray, size: int) -> np.ndarray:

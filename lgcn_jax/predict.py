@@ -15,7 +15,7 @@ from lgcn_jax.config import Config, PostprocessConfig
 from lgcn_jax.postprocess import _postprocess_one, check_heatmaps
 from lgcn_jax.shape_model import ShapeModel, load_shape_model
 
-__all__ = ["Model", "predict", "predict_with_confidence", "load_model"]
+__all__ = ["Model", "predict", "predict_with_confidence", "load_model", "export_model", "load_pretrained", "PRETRAINED"]
 
 
 class Model(NamedTuple):
@@ -88,3 +88,45 @@ def load_model(path: str, which: str = "best", require_shape_model: bool = True)
                 f"`python run_train.py --workdir {path} --shape_model_only`"
             )
     return Model(params, shape_model, config)
+
+
+def export_model(model: Model, directory: str) -> str:
+    """Write ``model`` as a self-contained checkpoint folder (config.json, params.msgpack, shape_model.npz)."""
+    from lgcn_jax.checkpoint import export_params
+    from lgcn_jax.shape_model import save_shape_model
+
+    export_params(directory, model.params, model.config)
+    if model.shape_model is not None:
+        save_shape_model(directory, model.shape_model)
+    return directory
+
+
+PRETRAINED = "synthetic_quick"
+
+
+def _checkpoints_dir() -> str:
+    env = os.environ.get("LGCN_CHECKPOINTS")
+    if env:
+        return env
+    return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "checkpoints")
+
+
+@functools.lru_cache(maxsize=4)
+def load_pretrained(name: str = PRETRAINED) -> Model:
+    """The released weights under ``checkpoints/NAME`` (or ``$LGCN_CHECKPOINTS/NAME``).
+
+    The only release so far, ``synthetic_quick``, is the quick preset (64x64 crops)
+    trained on the procedural synthetic faces of ``data_prep``, NOT on 300-W: it
+    finds landmarks on faces like those, and is not meant for real photographs.
+    checkpoints/README.md gives its training command and its NME.  Weights trained
+    on 300-W go in the same layout (``export_model``) and load by their name.
+    """
+    from lgcn_jax.checkpoint import CheckpointError
+
+    path = os.path.join(_checkpoints_dir(), name)
+    if not os.path.isdir(path):
+        raise CheckpointError(
+            f"no released checkpoint {name!r} at {path}; available: {sorted(os.listdir(_checkpoints_dir())) if os.path.isdir(_checkpoints_dir()) else []}. "
+            "Set LGCN_CHECKPOINTS to the folder holding it, or pass params= explicitly"
+        )
+    return load_model(path)

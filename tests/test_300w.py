@@ -192,7 +192,11 @@ def test_train_and_eval_on_300w(built, tmp_path, capsys):
     assert result["num_faces"] == SIZES["common"] and np.isfinite(result["nme"])
     assert run_eval.main(["--workdir", str(tmp_path / "w"), "--no_progress"]) == 0
     out = capsys.readouterr().out
+    import json
+
     for split in ("common", "challenging", "full"):
         assert f"{split}" in out and (tmp_path / "w" / "eval" / f"eval_{split}.json").exists()
+    rep = json.loads((tmp_path / "w" / "eval" / "eval_challenging.json").read_text())
+    assert sorted(rep["file_names"]) == sorted(k for k in truth if k.startswith("ibug/"))
     assert run_eval.main(["--workdir", str(tmp_path / "w"), "--split", "validation", "--no_progress"]) == 1
     assert "split 'validation' does not exist" in capsys.readouterr().err

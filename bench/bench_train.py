@@ -1,0 +1,81 @@
+"""Training step throughput against the input pipeline: is training input-bound?
+
+    python bench/bench_train.py [--preset quick] [--dataset synthetic --data_dir DIR] [--steps 10]
+
+Times ``train_step`` on device-resident batches (images/s consumed) and, separately,
+the tf.data pipeline with augmentation (examples/s produced), in the same run.
+Writes bench/results_train.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+
+from common import machine
+
+import jax
+
+import lgcn_jax
+from lgcn_jax import input_pipeline
+
+
+def pipeline_rate(data, cfg, batch: int, batches: int) -> float:
+    it = input_pipeline.train_dataset(data, cfg.data, batch, seed=0).as_numpy_iterator()
+    for _ in range(3):  # warm-up: tf.data spins up its threads
+        next(it)
+    t = time.perf_counter()
+    for _ in range(batches):
+        next(it)
+    return batches * batch / (time.perf_counter() - t)
+
+
+def step_rate(data, cfg, steps: int) -> tuple[float, float]:
+    t = cfg.train
+    state = lgcn_jax.create_train_state(cfg)
+    it = input_pipeline.train_dataset(data, cfg.data, t.batch_size, seed=0).as_numpy_iterator()
+    batches = [jax.device_put(next(it)) for _ in range(min(steps, 4))]
+    t0 = time.perf_counter()
+    state, m = lgcn_jax.train_step(state, batches[0], t.loss_scale)
+    jax.block_until_ready(m)
+    compile_s = time.perf_counter() - t0
+    times = []
+    for k in range(steps):
+        t0 = time.perf_counter()
+        state, m = lgcn_jax.train_step(state, batches[k % len(batches)], t.loss_scale)
+        jax.block_until_ready(m)
+        times.append(time.perf_counter() - t0)
+    return t.batch_size / statistics.median(times), compile_s
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--preset", default="quick")
+    p.add_argument("--config", nargs="*", default=[])
+    p.add_argument("--dataset", default="synthetic")
+    p.add_argument("--data_dir")
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--pipeline_batches", type=int, default=100)
+    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results_train.json"))
+    args = p.parse_args(argv)
+    overrides = list(args.config) + [f"data.dataset={args.dataset}"] + ([f"data.data_dir={args.data_dir}"] if args.data_dir else [])
+    cfg = lgcn_jax.apply_overrides(lgcn_jax.get_config(args.preset), overrides)
+    data = input_pipeline.load_split(cfg.data, "train")
+    consume, compile_s = step_rate(data, cfg, args.steps)
+    produce = pipeline_rate(data, cfg, cfg.train.batch_size, args.pipeline_batches)
+    bound = "input-bound" if produce < consume else "compute-bound"
+    print(f"{args.preset} ({cfg.data.image_size} px, batch {cfg.train.batch_size}): train step consumes {consume:8.1f} img/s "
+          f"(first step incl. compile {compile_s:.1f} s); pipeline produces {produce:8.1f} img/s -> {produce / consume:.1f}x headroom, {bound}", flush=True)
+    result = {"machine": machine(), "preset": args.preset, "overrides": overrides, "image_size": cfg.data.image_size,
+              "batch": cfg.train.batch_size, "train_images_per_s": consume, "first_step_s": compile_s,
+              "pipeline_images_per_s": produce, "pipeline_over_step": produce / consume, "verdict": bound}
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=1)
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,180 @@
+"""detect(): every face of a photo, in its own coordinates; the released weights; the CLI."""
+
+import json
+import os
+import shutil
+
+import matplotlib
+import numpy as np
+import pytest
+from PIL import Image
+
+import lgcn_jax
+from data_prep.synthetic_faces import make_face
+from lgcn_jax.checkpoint import CheckpointError
+from lgcn_jax.detect import Detection, HaarDetector, detect, detect_batch, main
+
+PHOTO = os.path.join(os.path.dirname(matplotlib.__file__), "mpl-data", "sample_data", "grace_hopper.jpg")
+SPECS = [(11, 90, (80, 90), 0), (12, 130, (220, 160), 20), (13, 70, (360, 80), -15)]  # seed, side, centre, degrees
+
+
+def paste(canvas, face, lm, center, deg):
+    """Paste a square u8 face image rotated counter-clockwise by deg at center; returns its landmarks in canvas pixels."""
+    side = face.shape[0]
+    rot = Image.fromarray(face).rotate(deg, resample=Image.BILINEAR, expand=True)
+    mask = Image.fromarray(np.full(face.shape, 255, np.uint8)).rotate(deg, expand=True)
+    t = np.radians(deg)
+    r = np.array([[np.cos(t), np.sin(t)], [-np.sin(t), np.cos(t)]])
+    lm_r = (lm - (side - 1) / 2) @ r.T + np.array([(rot.width - 1) / 2, (rot.height - 1) / 2])
+    ox, oy = int(center[0] - rot.width / 2), int(center[1] - rot.height / 2)
+    canvas.paste(rot, (ox, oy), mask)
+    return lm_r + np.array([ox, oy])
+
+
+def scene(specs=SPECS, size=(420, 300), seed=0):
+    rng = np.random.default_rng(seed)
+    canvas = Image.fromarray(rng.integers(60, 140, size[::-1]).astype(np.uint8))
+    truths = [paste(canvas, *make_face(s, side), c, deg) for s, side, c, deg in specs]
+    return np.asarray(canvas), truths
+
+
+def oracle(truths, seed=1, scale=1.0):
+    """A detector that knows where the faces are, up to the errors of a real one (+-4 px, +-10% size, +-6 degrees)."""
+    rng = np.random.default_rng(seed)
+
+    def run(gray):
+        out = []
+        for lm in truths:
+            lm = lm * scale
+            lo, hi = lm.min(0), lm.max(0)
+            d = lm[42:48].mean(0) - lm[36:42].mean(0)
+            out.append(Detection((lo + hi) / 2 + rng.normal(0, 4, 2), float((hi - lo).max()) * rng.uniform(0.9, 1.1),
+                                 float(np.arctan2(d[1], d[0])) + rng.normal(0, 0.1)))
+        return out
+
+    return run
+
+
+def nme(pred, lm):
+    return np.linalg.norm(pred - lm, axis=-1).mean() / np.linalg.norm(lm[36] - lm[45])
+
+
+@pytest.fixture(scope="module")
+def model():
+    return lgcn_jax.load_pretrained()
+
+
+def test_several_faces_at_scales_positions_rotations(model):
+    img, truths = scene()
+    faces = detect(img, model, detector=oracle(truths))
+    assert len(faces) == 3
+    for f, lm in zip(faces, truths):  # left to right, like the scene
+        assert f.landmarks.shape == (68, 2) and f.confidence.shape == (68,)
+        assert nme(f.landmarks, lm) < 0.2
+        np.testing.assert_allclose(f.box, np.concatenate([f.landmarks.min(0), f.landmarks.max(0)]), atol=1e-4)
+    d = faces[1].to_dict()
+    assert len(d["landmarks"]) == 68 and json.dumps(d)
+
+
+def test_no_face_gives_empty_list(model):
+    rng = np.random.default_rng(0)
+    assert detect(np.full((120, 160), 128, np.uint8), model) == []
+    assert detect(rng.integers(0, 255, (200, 300)).astype(np.uint8), model) == []
+
+
+def test_haar_finds_every_copy_of_a_real_face():
+    """Grace Hopper (a photo bundled with matplotlib) pasted three times at different sizes, places and rolls."""
+    photo = np.asarray(Image.open(PHOTO).convert("L"))
+    det = HaarDetector()
+    (ref,) = det(photo)  # the one face of the original
+    canvas = Image.new("L", (900, 560), 30)
+    expected = []
+    for scale, center, deg in ((0.5, (170, 170), 0), (0.4, (480, 330), 25), (0.3, (780, 140), -20)):
+        small = np.asarray(Image.fromarray(photo).resize((int(photo.shape[1] * scale), int(photo.shape[0] * scale)), Image.BILINEAR))
+        # where the original face centre lands: scale, then rotate about the pasted image's centre
+        c = (ref.center + 0.5) * scale - 0.5
+        pasted_lm = paste(canvas, np.pad(small, ((0, 0), (0, 0))), np.array([c] * 68), center, deg) if small.shape[0] == small.shape[1] else None
+        if pasted_lm is None:  # paste() wants a square: pad the short side
+            side = max(small.shape)
+            sq = np.zeros((side, side), np.uint8)
+            oy, ox = (side - small.shape[0]) // 2, (side - small.shape[1]) // 2
+            sq[oy:oy + small.shape[0], ox:ox + small.shape[1]] = small
+            pasted_lm = paste(canvas, sq, np.array([c + [ox, oy]] * 68), center, deg)
+        expected.append((pasted_lm[0], ref.size * scale, np.radians(-deg)))
+    found = det(np.asarray(canvas))
+    assert len(found) == 3
+    for center, size, angle in expected:
+        d = min(found, key=lambda f: np.linalg.norm(f.center - center))
+        assert np.linalg.norm(d.center - center) < 0.15 * size
+        assert abs(d.size / size - 1) < 0.25
+        assert abs(d.angle - angle) < np.radians(16)
+
+
+def test_modes_exif_and_resizing(model, tmp_path):
+    img, truths = scene()
+    base = detect(img, model, detector=oracle(truths))
+    rgb = np.repeat(img[..., None], 3, -1)
+    variants = {
+        "rgb": rgb,
+        "rgba": np.dstack([rgb, np.full(img.shape, 255, np.uint8)]),
+        "u16": img.astype(np.uint16) * 257,
+        "pil_la": Image.fromarray(img).convert("LA"),
+    }
+    for name, v in variants.items():
+        faces = detect(v, model, detector=oracle(truths))
+        for f, b in zip(faces, base):
+            np.testing.assert_allclose(f.landmarks, b.landmarks, atol=0.05, err_msg=name)
+    # A photo stored rotated with an EXIF orientation: coordinates are those of the upright view.
+    stored = Image.fromarray(np.rot90(img, 1).copy())
+    exif = stored.getexif()
+    exif[0x0112] = 6
+    path = str(tmp_path / "exif.png")
+    stored.save(path, exif=exif)
+    faces = detect(path, model, detector=oracle(truths))
+    for f, b in zip(faces, base):
+        np.testing.assert_allclose(f.landmarks, b.landmarks, atol=0.05)
+    # The same photo at twice the size: points and boxes scale with it.
+    big = np.asarray(Image.fromarray(img).resize((img.shape[1] * 2, img.shape[0] * 2), Image.BILINEAR))
+    faces = detect(big, model, detector=oracle([(t + 0.5) * 2 - 0.5 for t in truths]))
+    for f, lm in zip(faces, truths):
+        assert nme((f.landmarks + 0.5) / 2 - 0.5, lm) < 0.2
+
+
+def test_batch_equals_single(model):
+    a, ta = scene()
+    b, tb = scene([(21, 100, (150, 150), 10)], size=(320, 260), seed=3)
+    both = detect_batch([a, b], model, detector=lambda g: oracle(ta)(g) if g.shape == a.shape else oracle(tb)(g))
+    assert [len(x) for x in both] == [3, 1]
+    single = detect(b, model, detector=oracle(tb))
+    np.testing.assert_allclose(both[1][0].landmarks, single[0].landmarks, atol=1e-3)
+
+
+def test_cli_writes_json_and_png_and_keeps_existing(tmp_path, capsys):
+    img, _ = scene()
+    src = tmp_path / "group.png"
+    Image.fromarray(img).save(src)
+    photo = tmp_path / "hopper.jpg"
+    shutil.copy(PHOTO, photo)
+    out = tmp_path / "out"
+    assert main([str(src), str(photo), "--out", str(out), "--no_progress"]) == 0
+    rep = json.loads((out / "hopper.json").read_text())
+    assert len(rep["faces"]) == 1 and len(rep["faces"][0]["landmarks"]) == 68
+    assert json.loads((out / "group.json").read_text())["faces"] == []  # Haar does not see cartoon faces
+    png = Image.open(out / "hopper_landmarks.png")
+    assert png.size == Image.open(PHOTO).size and png.mode == "RGB"
+    before = (out / "hopper.json").read_text()
+    assert main([str(photo), "--out", str(out), "--no_progress"]) == 1
+    assert "already holds results for hopper" in capsys.readouterr().err
+    assert (out / "hopper.json").read_text() == before
+
+
+def test_pretrained_loader_errors(tmp_path, monkeypatch):
+    assert lgcn_jax.load_pretrained().config.data.dataset == "synthetic"
+    src = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "checkpoints", "synthetic_quick")
+    shutil.copytree(src, tmp_path / "broken")
+    (tmp_path / "broken" / "params.msgpack").write_bytes(b"\x00garbage")
+    monkeypatch.setenv("LGCN_CHECKPOINTS", str(tmp_path))
+    with pytest.raises(CheckpointError, match="params.msgpack"):
+        lgcn_jax.load_pretrained("broken")
+    with pytest.raises(CheckpointError, match="no released checkpoint 'nope'.*broken"):
+        lgcn_jax.load_pretrained("nope")
