@@ -3,7 +3,7 @@
     python bench/bench_memory.py predict --preset paper --batch 32
     python bench/bench_memory.py train --preset quick
 
-Prints one JSON line: the RSS after imports and setup, and the peak RSS while the workload
+Prints one JSON line per workload: the RSS after imports and setup, and the peak RSS while the workload
 (compilation included) ran, which on Linux is measured from a reset high-water mark.
 """
 

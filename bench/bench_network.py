@@ -41,8 +41,7 @@ def count_flops(cfg: lgcn_jax.Config, size: int) -> dict:
             "total": local + heads + blur_ours + glob, "kernel_conv_if_direct": blur_direct}
 
 
-def peak_flops(width: int, repeats: int) -> dict:
-    n = 3072
+def peak_flops(width: int, repeats: int, n: int = 3072) -> dict:
     a = jax.random.normal(jax.random.key(0), (n, n))
     mm = jax.jit(lambda a: a @ a)
     t_mm = min(median_time(mm, a, repeats=max(repeats, 5)) for _ in range(2))
@@ -59,6 +58,7 @@ def main(argv=None) -> dict:
     p.add_argument("--config", nargs="*", default=[], help="overrides, e.g. model.num_filters=8 (smoke tests)")
     p.add_argument("--batch", type=int, nargs="+", default=[1, 32])
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--peak_size", type=int, default=3072, help="side of the square matmul that measures the peak")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results_network.json"))
     args = p.parse_args(argv)
     cfg = lgcn_jax.apply_overrides(lgcn_jax.get_config(args.preset), args.config)
@@ -68,7 +68,7 @@ def main(argv=None) -> dict:
 
     sm = build_shape_model(np.stack([make_face(s, size)[1] for s in range(64)]), size)
     flops = count_flops(cfg, size)
-    peak = peak_flops(cfg.model.num_filters, args.repeats)
+    peak = peak_flops(cfg.model.num_filters, args.repeats, args.peak_size)
     best_peak = max(peak.values())
     rows = []
     for b in args.batch:

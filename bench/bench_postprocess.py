@@ -35,6 +35,7 @@ def main(argv=None) -> dict:
     p.add_argument("--train_shapes", type=int, default=500)
     p.add_argument("--reference_faces", type=int, default=3, help="the reference takes about a second per face")
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--only_full", action="store_true", help="time only the full post-processing (smoke runs)")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results_postprocess.json"))
     args = p.parse_args(argv)
     shapes = np.stack([make_face(s, args.size)[1] for s in range(args.train_shapes)])
@@ -46,8 +47,9 @@ def main(argv=None) -> dict:
     hm = (hm * rng.uniform(0.2, 1.0, (args.batch, 1, 1, 68)) + 0.02 * rng.normal(size=hm.shape)).astype(np.float32)
     hm_dev = jnp.asarray(hm)
     rows = []
-    for name, cfg in (("arg-max only", PostprocessConfig(use_shape_model=False)), ("global fit", PostprocessConfig(local_windows=(), blend=False)),
-                      ("full (global+20+7+blend)", PostprocessConfig())):
+    stages = [("arg-max only", PostprocessConfig(use_shape_model=False)), ("global fit", PostprocessConfig(local_windows=(), blend=False)),
+              ("full (global+20+7+blend)", PostprocessConfig())]
+    for name, cfg in stages[-1:] if args.only_full else stages:
         t_batch = median_time(lambda h: postprocess(h, sm, cfg), hm_dev, repeats=args.repeats)
         t_one = median_time(lambda h: postprocess(h, sm, cfg), hm_dev[:1], repeats=args.repeats)
         rows.append({"stages": name, "jnp_batch_ms_per_face": 1e3 * t_batch / args.batch, "jnp_batch1_ms": 1e3 * t_one})

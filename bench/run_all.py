@@ -49,8 +49,8 @@ def main(argv=None) -> dict:
                     "model.kernel_size=9", "data.image_size=32"]
         runs = {
             "kernel_conv": lambda: bench_kernel_conv.main(["--batch", "1", "--size", "24", "--channels", "2", "--repeats", "1", "--out", part("kernel_conv")]),
-            "network": lambda: bench_network.main(["--preset", "quick", "--config", *tiny_net, "--batch", "2", "--repeats", "1", "--out", part("network")]),
-            "postprocess": lambda: bench_postprocess.main(["--batch", "2", "--size", "32", "--train_shapes", "30", "--reference_faces", "1", "--repeats", "1", "--out", part("postprocess")]),
+            "network": lambda: bench_network.main(["--preset", "quick", "--config", *tiny_net, "--batch", "2", "--repeats", "1", "--peak_size", "256", "--out", part("network")]),
+            "postprocess": lambda: bench_postprocess.main(["--batch", "2", "--size", "32", "--train_shapes", "30", "--reference_faces", "1", "--repeats", "1", "--only_full", "--out", part("postprocess")]),
             "train": lambda: bench_train.main(["--config", *tiny_net, "train.batch_size=2", "--steps", "1", "--pipeline_batches", "2", *data, "--out", part("train")]),
         }
         mem = {"predict": ["--preset", "quick", "--batch", "2", "--config", *tiny_net], "train": ["--preset", "quick", "--batch", "2", "--config", *tiny_net]}
