@@ -64,23 +64,9 @@ def to_original(points, box, size: int) -> np.ndarray:
 
 
 def crop(gray: np.ndarray, box, size: int) -> np.ndarray:
-    """u8[size, size] crop of a u8[H, W] image; outside the image is black.
-
-    Large reductions are first box-filtered by an integer factor so that the
-    bilinear resampling does not alias.
-    """
-    im = Image.fromarray(np.asarray(gray, np.uint8))
-    x0, y0, x1, _ = (float(v) for v in box)
-    scale = (x1 - x0) / size  # image pixels per crop pixel
-    # PIL's affine transform works in edge coordinates (pixel i spans [i, i + 1]).
-    ex0, ey0 = x0 + 0.5, y0 + 0.5
-    factor = int(scale // 1.5)
-    if factor >= 2:
-        im = im.reduce(factor)
-        ex0, ey0, scale = ex0 / factor, ey0 / factor, scale / factor
-    out = im.transform((size, size), Image.Transform.AFFINE, (scale, 0.0, ex0, 0.0, scale, ey0), resample=Image.Resampling.BILINEAR, fillcolor=0)
-    return np.asarray(out, np.uint8)
-
+    """u8[size, size] crop of a u8[H, W] image inside the square ``box``; outside the image is black."""
+    x0, y0, x1, y1 = (float(v) for v in box)
+    return warp(gray, similarity(((x0 + x1) / 2.0, (y0 + y1) / 2.0), x1 - x0, 0.0, size), size)
 
 def similarity(center, side: float, angle: float, size: int) -> np.ndarray:
     """f64[2, 3] affine map from crop pixels to image pixels of a square crop.

@@ -38,7 +38,7 @@ from jax import lax
 
 from lgcn_jax.config import PostprocessConfig
 from lgcn_jax.heatmaps import argmax_subpixel, refine_flat
-from lgcn_jax.shape_model import ShapeModel, kabsch_angle, rotate
+from lgcn_jax.shape_model import ShapeModel, empty_shape_model, kabsch_angle, rotate
 
 __all__ = ["postprocess", "postprocess_with_confidence", "solve_qp", "check_heatmaps"]
 
@@ -220,8 +220,7 @@ def postprocess_with_confidence(heatmaps: jax.Array, shape_model: ShapeModel | N
     if shape_model is None:
         if config.use_shape_model:
             raise ValueError("no shape model given: pass one (lgcn_jax.load_model(...).shape_model) or set postprocess.use_shape_model=False")
-        shape_model = ShapeModel(jnp.zeros((heatmaps.shape[-1], 2)), jnp.zeros((1, heatmaps.shape[-1], 2)), jnp.zeros((0,), jnp.int32),
-                                 jnp.zeros((0,), jnp.int32), heatmaps.shape[1])
+        shape_model = empty_shape_model(heatmaps.shape[-1], heatmaps.shape[1])
     return _postprocess(heatmaps, shape_model, config)
 
 

@@ -8,12 +8,11 @@ import os
 from typing import NamedTuple, Union
 
 import jax
-import jax.numpy as jnp
 
 from lgcn_jax import network
 from lgcn_jax.config import Config, PostprocessConfig
 from lgcn_jax.postprocess import _postprocess_one, check_heatmaps
-from lgcn_jax.shape_model import ShapeModel, load_shape_model
+from lgcn_jax.shape_model import ShapeModel, empty_shape_model, load_shape_model
 
 __all__ = ["Model", "predict", "predict_with_confidence", "load_model", "export_model", "load_pretrained", "PRETRAINED"]
 
@@ -49,9 +48,7 @@ def predict_with_confidence(model: Union[Model, network.LGCNParams], images, sha
     if shape_model is not None:
         check_heatmaps((1, size, images.shape[2], params.config.num_landmarks), shape_model)
         return _predict(params, images, shape_model, config)
-    dummy = ShapeModel(jnp.zeros((params.config.num_landmarks, 2)), jnp.zeros((1, params.config.num_landmarks, 2)),
-                       jnp.zeros((0,), jnp.int32), jnp.zeros((0,), jnp.int32), size)
-    return _predict(params, images, dummy, config)
+    return _predict(params, images, empty_shape_model(params.config.num_landmarks, size), config)
 
 
 def predict(model: Union[Model, network.LGCNParams], images, shape_model: ShapeModel | None = None,

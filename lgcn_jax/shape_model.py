@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-__all__ = ["ShapeModel", "build_shape_model", "kabsch_angle", "rotate", "save_shape_model", "load_shape_model", "ShapeModelError"]
+__all__ = ["ShapeModel", "build_shape_model", "kabsch_angle", "rotate", "save_shape_model", "load_shape_model", "ShapeModelError", "empty_shape_model"]
 
 FILENAME = "shape_model.npz"
 
@@ -60,6 +60,12 @@ class ShapeModel:
     @property
     def num_landmarks(self) -> int:
         return int(self.mean.shape[0])
+
+
+def empty_shape_model(num_landmarks: int, image_size: int) -> ShapeModel:
+    """A stand-in with no components or constraints, for arg-max-only decoding (its arrays are never read)."""
+    return ShapeModel(jnp.zeros((num_landmarks, 2)), jnp.zeros((1, num_landmarks, 2)), jnp.zeros((0,), jnp.int32),
+                      jnp.zeros((0,), jnp.int32), image_size)
 
 
 def kabsch_angle(source, target, weights=None, xp=jnp):
