@@ -13,6 +13,7 @@ complete, so a run killed mid-save leaves no half checkpoint behind.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from typing import Any
@@ -131,8 +132,6 @@ PARAMS_FILE = "params.msgpack"
 def export_params(directory: str, params, config: Config) -> None:
     """Write a compact, orbax-free checkpoint: config.json and params.msgpack (flax serialization)."""
     from flax import serialization
-
-    import dataclasses
 
     os.makedirs(directory, exist_ok=True)
     # The data folder is machine-specific; a released checkpoint should not point into someone's disk.

@@ -23,7 +23,8 @@ from typing import Callable, Sequence
 import numpy as np
 
 from lgcn_jax import crop as crop_lib
-from lgcn_jax.image_io import load_gray
+from lgcn_jax.image_io import load_gray, open_image
+from lgcn_jax.shape_model import rotate
 
 __all__ = ["Face", "Detection", "HaarDetector", "detect", "detect_batch", "draw", "main"]
 
@@ -127,13 +128,12 @@ def _merge(dets: list[Detection], overlap: float = 0.5) -> list[Detection]:
 
 def _recut(points: np.ndarray) -> tuple[np.ndarray, float, float]:
     """Centre, extent (longer side of the upright landmark box) and roll of a face from its landmarks f[68, 2]."""
-    eye_r, eye_l = points[RIGHT_EYE].mean(0), points[LEFT_EYE].mean(0)
-    d = eye_l - eye_r
+    d = points[LEFT_EYE].mean(0) - points[RIGHT_EYE].mean(0)
     angle = float(np.arctan2(d[1], d[0]))
-    c, s = np.cos(-angle), np.sin(-angle)
-    upright = points @ np.array([[c, -s], [s, c]]).T
+    origin = np.zeros(2)
+    upright = rotate(points, -angle, origin, xp=np)
     lo, hi = upright.min(0), upright.max(0)
-    center = np.array([[c, s], [-s, c]]) @ ((lo + hi) / 2.0)  # back to image axes
+    center = rotate(((lo + hi) / 2.0)[None], angle, origin, xp=np)[0]  # back to image axes
     return center, max(float((hi - lo).max()), 1.0), angle
 
 
@@ -207,8 +207,6 @@ def detect(image, params=None, *, detector: Callable[[np.ndarray], list[Detectio
 def _rgb(image):
     from PIL import Image, ImageOps
 
-    from lgcn_jax.image_io import open_image
-
     if isinstance(image, (str, os.PathLike)):
         image = open_image(str(image))
     if isinstance(image, Image.Image):
@@ -277,14 +275,15 @@ def main(argv=None) -> int:
     failed = 0
     for path, name in tqdm(list(zip(args.images, names)), disable=args.no_progress, unit="image"):
         try:
-            faces = detect(path, model)
+            image = open_image(path)  # decoded once for detection and drawing
+            faces = detect(image, model)
         except ImageError as e:
             print(f"lgcn-detect: skipped {path}: {e}", file=sys.stderr)
             failed += 1
             continue
         with open(os.path.join(args.out, name + ".json"), "w") as f:
             json.dump({"image": os.path.abspath(path), "faces": [face.to_dict() for face in faces]}, f, indent=1)
-        draw(path, faces).save(os.path.join(args.out, name + "_landmarks.png"))
+        draw(image, faces).save(os.path.join(args.out, name + "_landmarks.png"))
         print(f"{path}: {len(faces)} face(s)")
     return 1 if failed else 0
 

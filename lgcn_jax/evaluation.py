@@ -10,24 +10,32 @@ import numpy as np
 from lgcn_jax import input_pipeline, metrics
 from lgcn_jax.predict import Model, predict
 
-__all__ = ["predict_landmarks", "evaluate_landmarks", "write_report", "plot_ced", "format_table", "NORMS"]
+__all__ = ["predict_batches", "predict_landmarks", "evaluate_landmarks", "write_report", "plot_ced", "format_table", "NORMS"]
 
 NORMS = ("inter_ocular", "inter_pupil")
 THRESHOLD = 0.08
 
 
-def predict_landmarks(model: Model, data: dict, batch_size: int = 32, progress: bool = False) -> np.ndarray:
-    """Landmarks f32[N, L, 2] for a split held in memory ({"image": u8[N, S, S, 1], ...})."""
+def predict_batches(fn, data: dict, batch_size: int = 32, progress: bool = False, max_batches: int = 0) -> np.ndarray:
+    """Landmarks f32[N, L, 2] from ``fn(images f32[B, S, S, 1]) -> f32[B, L, 2]`` over the first
+    ``max_batches`` batches (0: all) of a split held in memory ({"image": u8[N, S, S, 1], ...})."""
     from tqdm.auto import tqdm
 
-    n = len(data["image"])
+    n = len(data["image"]) if not max_batches else min(len(data["image"]), max_batches * batch_size)
     out = []
     with tqdm(total=n, disable=not progress, unit="face", desc="evaluating", dynamic_ncols=True) as bar:
-        for batch in input_pipeline.eval_batches(data, batch_size):
+        for k, batch in enumerate(input_pipeline.eval_batches(data, batch_size)):
+            if max_batches and k >= max_batches:
+                break
             keep = batch["valid"] > 0
-            out.append(np.asarray(predict(model, batch["image"]))[keep])
+            out.append(np.asarray(fn(batch["image"]))[keep])
             bar.update(int(keep.sum()))
-    return np.concatenate(out) if out else np.zeros((0, model.params.config.num_landmarks, 2), np.float32)
+    return np.concatenate(out)
+
+
+def predict_landmarks(model: Model, data: dict, batch_size: int = 32, progress: bool = False) -> np.ndarray:
+    """Landmarks f32[N, L, 2] of ``model`` (network + its post-processing) for a split held in memory."""
+    return predict_batches(lambda images: predict(model, images), data, batch_size, progress)
 
 
 def evaluate_landmarks(pred: np.ndarray, gt: np.ndarray, threshold: float = THRESHOLD) -> dict:

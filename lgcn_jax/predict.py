@@ -12,7 +12,7 @@ import jax
 from lgcn_jax import network
 from lgcn_jax.config import Config, PostprocessConfig
 from lgcn_jax.postprocess import _postprocess_one, check_heatmaps
-from lgcn_jax.shape_model import ShapeModel, empty_shape_model, load_shape_model
+from lgcn_jax.shape_model import ShapeModel, ShapeModelError, empty_shape_model, load_shape_model, save_shape_model
 
 __all__ = ["Model", "predict", "predict_with_confidence", "load_model", "export_model", "load_pretrained", "PRETRAINED"]
 
@@ -77,8 +77,6 @@ def load_model(path: str, which: str = "best", require_shape_model: bool = True)
         shape_model = None
     if shape_model is not None:
         if shape_model.image_size != config.data.image_size or shape_model.num_landmarks != params.config.num_landmarks:
-            from lgcn_jax.shape_model import ShapeModelError
-
             raise ShapeModelError(
                 f"{path}/shape_model.npz was built for {shape_model.num_landmarks} landmarks on {shape_model.image_size} px crops, "
                 f"but the network predicts {params.config.num_landmarks} on {config.data.image_size} px; rebuild it with "
@@ -90,7 +88,6 @@ def load_model(path: str, which: str = "best", require_shape_model: bool = True)
 def export_model(model: Model, directory: str) -> str:
     """Write ``model`` as a self-contained checkpoint folder (config.json, params.msgpack, shape_model.npz)."""
     from lgcn_jax.checkpoint import export_params
-    from lgcn_jax.shape_model import save_shape_model
 
     export_params(directory, model.params, model.config)
     if model.shape_model is not None:

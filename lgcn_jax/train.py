@@ -98,13 +98,10 @@ def eval_step(net: network.LGCNParams, images: jax.Array) -> jax.Array:
 
 
 def predict_split(net: network.LGCNParams, data: dict, batch_size: int = 32, max_batches: int = 0) -> np.ndarray:
-    """Landmarks f32[N, L, 2] for the first ``max_batches`` batches (0: all) of a split held in memory."""
-    preds = []
-    for k, batch in enumerate(input_pipeline.eval_batches(data, batch_size)):
-        if max_batches and k >= max_batches:
-            break
-        preds.append(np.asarray(eval_step(net, batch["image"]))[batch["valid"] > 0])
-    return np.concatenate(preds)
+    """Arg-max landmarks f32[N, L, 2] for the first ``max_batches`` batches (0: all) of a split held in memory."""
+    from lgcn_jax.evaluation import predict_batches
+
+    return predict_batches(lambda images: eval_step(net, images), data, batch_size, max_batches=max_batches)
 
 
 def evaluate(net: network.LGCNParams, data: dict, batch_size: int = 32, max_batches: int = 0) -> dict:
@@ -126,7 +123,7 @@ def build_shape_model(config: Config, workdir: str, train_data: dict | None = No
     sm = shape_model_lib.build_shape_model(train_data["landmarks"], config.data.image_size, k)
     path = shape_model_lib.save_shape_model(workdir, sm)
     log.info("shape model from %d training shapes: %d components, %d order constraints -> %s",
-             len(train_data["landmarks"]), sm.num_components, int(sm.lower.shape[0]), path)
+             n, sm.num_components, int(sm.lower.shape[0]), path)
     return path
 
 
