@@ -1,6 +1,7 @@
 """Evaluate a trained LGCN on 300-W (or the synthetic data): NME, AUC, failure rate, CED plot.
 
 Examples:
+  python run_eval.py --split common                       # the released default weights (lgcn_jax.load_pretrained)
   python run_eval.py --workdir ckpt --split challenging
   python run_eval.py --checkpoint checkpoints/synthetic_quick --split validation,test --no_shape_model
 """
@@ -15,9 +16,10 @@ import sys
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--workdir", help="a run_train.py workdir")
-    src.add_argument("--checkpoint", help="a checkpoint folder (a workdir or an exported one, e.g. under checkpoints/)")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--workdir", help="a run_train.py workdir (reports go to WORKDIR/eval)")
+    src.add_argument("--checkpoint", help="a checkpoint folder (a workdir or an exported one, e.g. under checkpoints/); "
+                                          "default: the released weights of lgcn_jax.load_pretrained()")
     p.add_argument("--split", default=None,
                    help="comma-separated; 300w: common, challenging, full, test (default: common,challenging,full); "
                         "synthetic: validation, test (default: test)")
@@ -27,7 +29,8 @@ def main(argv=None) -> int:
                    help="post-processing and data overrides, e.g. postprocess.local_windows=() data.data_dir=/data/tfds")
     p.add_argument("--data_dir", help="shortcut for data.data_dir")
     p.add_argument("--batch_size", type=int, default=32)
-    p.add_argument("--out", help="folder for eval_SPLIT.json and ced_SPLIT.png (_argmax appended with --no_shape_model; default: CHECKPOINT/eval)")
+    p.add_argument("--out", help="folder for eval_SPLIT.json and ced_SPLIT.png (_argmax appended with --no_shape_model; "
+                                 "default: WORKDIR/eval with --workdir, else ./eval)")
     p.add_argument("--no_progress", action="store_true")
     args = p.parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -35,9 +38,15 @@ def main(argv=None) -> int:
     from lgcn_jax import evaluation, input_pipeline
     from lgcn_jax.input_pipeline import DatasetError
 
-    path = args.workdir or args.checkpoint
     try:
-        model = lgcn_jax.load_model(path, which=args.which, require_shape_model=not args.no_shape_model)
+        if args.workdir or args.checkpoint:
+            path = args.workdir or args.checkpoint
+            model = lgcn_jax.load_model(path, which=args.which, require_shape_model=not args.no_shape_model)
+        else:
+            from lgcn_jax.predict import pretrained_path
+
+            model = lgcn_jax.load_pretrained()
+            path = pretrained_path()
         overrides = list(args.config) + ([f"data.data_dir={args.data_dir}"] if args.data_dir else [])
         bad = [o for o in overrides if not o.startswith(("postprocess.", "data."))]
         if bad:
@@ -46,8 +55,17 @@ def main(argv=None) -> int:
         if args.no_shape_model:
             config = dataclasses.replace(config, postprocess=dataclasses.replace(config.postprocess, use_shape_model=False))
         model = model._replace(config=config, shape_model=None if args.no_shape_model else model.shape_model)
-        default = "common,challenging,full" if config.data.dataset == "300w" else "test"
-        splits = [s for s in (args.split or default).split(",") if s]
+        if args.split:
+            splits = [s for s in args.split.split(",") if s]
+        else:  # the default splits that this build holds; a named split that is absent is an error below
+            default = ["common", "challenging", "full"] if config.data.dataset == "300w" else ["test"]
+            have = input_pipeline.available_splits(config.data)
+            splits = [s for s in default if s in have]
+            for s in default:
+                if s not in have:
+                    print(f"run_eval.py: note: split {s!r} is not in this build; skipping it (see README: 300-W data)", file=sys.stderr)
+            if not splits:
+                raise DatasetError(f"none of the splits {default} is in the build under {config.data.data_dir or 'the default data dir'}")
         data = {s: input_pipeline.load_split(config.data, s) for s in splits}
     except (lgcn_jax.CheckpointError, lgcn_jax.ShapeModelError, DatasetError) as e:
         print(f"run_eval.py: error: {e}", file=sys.stderr)
@@ -55,7 +73,8 @@ def main(argv=None) -> int:
     except ValueError as e:
         print(f"run_eval.py: error: {e}", file=sys.stderr)
         return 2
-    out_dir = args.out or os.path.join(path, "eval")
+    # Never into a checkpoint folder (it may be the installed package's): only a workdir keeps its reports.
+    out_dir = args.out or (os.path.join(args.workdir, "eval") if args.workdir else "eval")
     decoder = "argmax" if args.no_shape_model else "shape_model"
     suffix = "_argmax" if args.no_shape_model else ""
     reports = {}
@@ -66,13 +85,17 @@ def main(argv=None) -> int:
         rep.update(evaluation.evaluate_landmarks(pred, d["landmarks"]))
         if "file_name" in d:
             rep["file_names"] = [str(f) for f in d["file_name"]]  # aligned with the per_image lists
+            rep["subsets"] = evaluation.subset_reports(pred, d["landmarks"], d["file_name"])
         rep["json"] = evaluation.write_report(rep, os.path.join(out_dir, f"eval_{split}{suffix}.json"))
         errors = {norm: rep[norm]["per_image"] for norm in evaluation.NORMS}
         rep["png"] = evaluation.plot_ced(errors, os.path.join(out_dir, f"ced_{split}{suffix}.png"), title=f"{config.data.dataset} {split} ({decoder})")
         reports[split] = rep
+        for name, sub in rep.get("subsets", {}).items():
+            reports[f"{split}/{name}"] = sub
     print(evaluation.format_table(reports))
     for rep in reports.values():
-        print(f"{rep['split']}: {rep['json']}  {rep['png']}")
+        if "json" in rep:
+            print(f"{rep['split']}: {rep['json']}  {rep['png']}")
     return 0
 
 

@@ -11,11 +11,15 @@ import sys
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", required=True, help="checkpoints, config.json and TensorBoard logs go here; rerun to resume")
-    p.add_argument("--preset", default="quick", help="quick (default: small net, minutes on a CPU), paper (128 filters), paper64")
+    p.add_argument("--preset", default="quick", help="quick (default: small net, synthetic faces, minutes on a CPU), cpu (300-W on a CPU in ~100 min), paper (128 filters), paper64")
     p.add_argument("--config", nargs="*", default=[], metavar="KEY=VALUE", help="overrides, e.g. model.num_filters=64 train.batch_size=8")
     p.add_argument("--dataset", choices=["synthetic", "300w"], help="shortcut for data.dataset")
-    p.add_argument("--data_dir", help="shortcut for data.data_dir (TFDS data directory)")
+    p.add_argument("--data_dir", help="shortcut for data.data_dir: a TFDS data directory, or an array export (data_prep.export_arrays)")
     p.add_argument("--no_progress", action="store_true", help="no progress bar (for logs)")
+    p.add_argument("--export", metavar="DIR",
+                   help="only write the workdir's best checkpoint to DIR as a self-contained folder (for load_model, checkpoints/)")
+    p.add_argument("--recalibrate", type=int, default=0, metavar="N",
+                   help="with --export: measure the BatchNorm statistics again over N batches of training crops first")
     p.add_argument("--shape_model_only", action="store_true",
                    help="only (re)build WORKDIR/shape_model.npz from the training split of the workdir's stored config")
     return p.parse_args(argv)
@@ -40,6 +44,16 @@ def main(argv=None) -> int:
     except ValueError as e:
         print(f"run_train.py: error: {e}", file=sys.stderr)
         return 2
+    if args.export:
+        from lgcn_jax import train
+
+        try:
+            path = train.export_workdir(args.workdir, args.export, recalibrate_batches=args.recalibrate)
+        except (lgcn_jax.CheckpointError, lgcn_jax.ShapeModelError, DatasetError) as e:
+            print(f"run_train.py: error: {e}", file=sys.stderr)
+            return 1
+        print(f"wrote {path}")
+        return 0
     if args.shape_model_only:
         from lgcn_jax import checkpoint, train
 

@@ -3,8 +3,9 @@
     python bench/bench_train.py [--preset quick] [--dataset synthetic --data_dir DIR] [--steps 10]
 
 Times ``train_step`` on device-resident batches (images/s consumed) and, separately,
-the tf.data pipeline with augmentation (examples/s produced), in the same run.
-Writes bench/results_train.json.
+the input pipeline (examples/s produced), in the same run: tf.data with augmentation where
+TensorFlow is installed, else NumPy batches whose augmentation runs inside the timed step
+(``data.pipeline``).  Writes bench/results_train.json.
 """
 
 from __future__ import annotations
@@ -23,8 +24,14 @@ import lgcn_jax
 from lgcn_jax import input_pipeline
 
 
-def pipeline_rate(data, cfg, batch: int, batches: int) -> float:
-    it = input_pipeline.train_dataset(data, cfg.data, batch, seed=0).as_numpy_iterator()
+def _stream(data, cfg, batch: int, pipeline: str):
+    if pipeline == "tf":
+        return input_pipeline.train_dataset(data, cfg.data, batch, seed=0).as_numpy_iterator(), None
+    return input_pipeline.array_batches(data, batch, seed=0), cfg.data
+
+
+def pipeline_rate(data, cfg, batch: int, batches: int, pipeline: str) -> float:
+    it, _ = _stream(data, cfg, batch, pipeline)
     for _ in range(3):  # warm-up: tf.data spins up its threads
         next(it)
     t = time.perf_counter()
@@ -33,19 +40,19 @@ def pipeline_rate(data, cfg, batch: int, batches: int) -> float:
     return batches * batch / (time.perf_counter() - t)
 
 
-def step_rate(data, cfg, steps: int) -> tuple[float, float]:
+def step_rate(data, cfg, steps: int, pipeline: str) -> tuple[float, float]:
     t = cfg.train
     state = lgcn_jax.create_train_state(cfg)
-    it = input_pipeline.train_dataset(data, cfg.data, t.batch_size, seed=0).as_numpy_iterator()
+    it, augment = _stream(data, cfg, t.batch_size, pipeline)
     batches = [jax.device_put(next(it)) for _ in range(min(steps, 4))]
     t0 = time.perf_counter()
-    state, m = lgcn_jax.train_step(state, batches[0], t.loss_scale)
+    state, m = lgcn_jax.train_step(state, batches[0], t.loss_scale, augment)
     jax.block_until_ready(m)
     compile_s = time.perf_counter() - t0
     times = []
     for k in range(steps):
         t0 = time.perf_counter()
-        state, m = lgcn_jax.train_step(state, batches[k % len(batches)], t.loss_scale)
+        state, m = lgcn_jax.train_step(state, batches[k % len(batches)], t.loss_scale, augment)
         jax.block_until_ready(m)
         times.append(time.perf_counter() - t0)
     return t.batch_size / statistics.median(times), compile_s
@@ -64,12 +71,13 @@ def main(argv=None) -> dict:
     overrides = list(args.config) + [f"data.dataset={args.dataset}"] + ([f"data.data_dir={args.data_dir}"] if args.data_dir else [])
     cfg = lgcn_jax.apply_overrides(lgcn_jax.get_config(args.preset), overrides)
     data = input_pipeline.load_split(cfg.data, "train")
-    consume, compile_s = step_rate(data, cfg, args.steps)
-    produce = pipeline_rate(data, cfg, cfg.train.batch_size, args.pipeline_batches)
+    pipeline = input_pipeline.resolve_pipeline(cfg.data)
+    consume, compile_s = step_rate(data, cfg, args.steps, pipeline)
+    produce = pipeline_rate(data, cfg, cfg.train.batch_size, args.pipeline_batches, pipeline)
     bound = "input-bound" if produce < consume else "compute-bound"
-    print(f"{args.preset} ({cfg.data.image_size} px, batch {cfg.train.batch_size}): train step consumes {consume:8.1f} img/s "
+    print(f"{args.preset} ({cfg.data.image_size} px, batch {cfg.train.batch_size}, {pipeline} pipeline): train step consumes {consume:8.1f} img/s "
           f"(first step incl. compile {compile_s:.1f} s); pipeline produces {produce:8.1f} img/s -> {produce / consume:.1f}x headroom, {bound}", flush=True)
-    result = {"machine": machine(), "preset": args.preset, "overrides": overrides, "image_size": cfg.data.image_size,
+    result = {"machine": machine(), "preset": args.preset, "overrides": overrides, "pipeline": pipeline, "image_size": cfg.data.image_size,
               "batch": cfg.train.batch_size, "train_images_per_s": consume, "first_step_s": compile_s,
               "pipeline_images_per_s": produce, "pipeline_over_step": produce / consume, "verdict": bound}
     with open(args.out, "w") as f:

@@ -33,6 +33,8 @@ import re
 import numpy as np
 import tensorflow_datasets as tfds
 
+from data_prep.layout_300w import (OFFICIAL_FOLDER_SIZES, OFFICIAL_SIZES, SUBSETS, absent_split_message, folder_report,
+                                   missing_folders)
 from lgcn_jax import crop as crop_lib
 from lgcn_jax.image_io import ImageError, load_gray
 
@@ -40,14 +42,13 @@ __all__ = ["Face300W", "Face300WConfig", "SUBSETS", "OFFICIAL_SIZES", "BadFileEr
 
 log = logging.getLogger("data_prep.build_300w")
 
-SUBSETS = {
-    "train": ("afw", "helen/trainset", "lfpw/trainset"),
-    "common": ("helen/testset", "lfpw/testset"),
-    "challenging": ("ibug",),
-    "test": ("300W/01_Indoor", "300W/02_Outdoor"),
-}
-SUBSETS["full"] = SUBSETS["common"] + SUBSETS["challenging"]
-OFFICIAL_SIZES = {"train": 3148, "common": 554, "challenging": 135, "full": 689, "test": 600}
+if __name__ == "__main__":
+    # `python -m data_prep.build_300w`: run the module under its package name, before this copy
+    # defines the builder (TFDS registers each builder name once and locates it by its package).
+    from data_prep.build_300w import main as _main
+
+    raise SystemExit(_main())
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 NUM_POINTS = 68
 
@@ -147,12 +148,16 @@ class Face300W(tfds.core.GeneratorBasedBuilder):
 
     def _split_generators(self, dl_manager: tfds.download.DownloadManager):
         root = str(dl_manager.manual_dir)
+        self.report = folder_report(root)
+        for line in self.report:
+            log.warning("%s", line)
         splits = {}
         for name in ("train", "common", "challenging", "full", "test"):
-            if name == "test" and not os.path.isdir(os.path.join(root, "300W")):
-                log.warning("no 300W/ folder under %s: building without the test split", root)
-                continue
+            if missing_folders(root, name):
+                continue  # said once per folder above
             splits[name] = self._generate_examples(root, find_faces(root, name), name)
+        if not splits:
+            raise FileNotFoundError(f"no 300-W subset folder under {root}: expected {', '.join(OFFICIAL_FOLDER_SIZES)} (see the README's 300-W layout)")
         return splits
 
     def _example(self, root: str, pts_path: str):
@@ -218,6 +223,7 @@ def main(argv=None) -> int:
     p.add_argument("--exif", choices=["error", "stored", "apply"], default="error",
                    help="images with an EXIF orientation: stop (default), use the stored pixels, or rotate as viewers do")
     p.add_argument("--workers", type=int, default=4)
+    p.add_argument("--overwrite", action="store_true", help="rebuild even if this data dir already holds a build (e.g. after adding ibug/)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     if not os.path.isdir(args.manual_dir):
@@ -226,7 +232,11 @@ def main(argv=None) -> int:
     config = config_for(args.image_size)
     builder = Face300W(data_dir=args.data_dir, config=config, skip_bad=args.skip_bad, exif=args.exif, workers=args.workers)
     try:
-        builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=args.manual_dir, try_download_gcs=False))
+        if builder.is_prepared() and not args.overwrite:
+            print(f"a build already exists in {builder.data_dir}; keeping it (rerun with --overwrite to rebuild)")
+        mode = tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS if args.overwrite else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS
+        builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+            manual_dir=args.manual_dir, try_download_gcs=False, download_mode=mode))
     except (BadFileError, ImageError, FileNotFoundError) as e:
         print(f"build_300w: error: {e}\nNothing was written (TFDS only moves a finished build into place); fix or remove the file, or rerun with --skip_bad.", file=sys.stderr)
         return 1
@@ -236,6 +246,3 @@ def main(argv=None) -> int:
     print(f"written to {builder.data_dir}")
     return 0
 
-
-if __name__ == "__main__":
-    raise SystemExit(main())

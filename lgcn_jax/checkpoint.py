@@ -61,11 +61,12 @@ def check_workdir_config(workdir: str, config: Config) -> Config | None:
     stored = read_config(workdir)
     d_stored, d_new = config_to_dict(stored), config_to_dict(config)
     problems = _diff(d_stored["model"], d_new["model"], "model.")
-    if stored.data.image_size != config.data.image_size:
-        problems.append(f"data.image_size: stored {stored.data.image_size}, requested {config.data.image_size}")
+    for field in ("image_size", "dataset"):
+        if getattr(stored.data, field) != getattr(config.data, field):
+            problems.append(f"data.{field}: stored {getattr(stored.data, field)!r}, requested {getattr(config.data, field)!r}")
     if problems:
         raise CheckpointError(
-            f"{workdir} holds a checkpoint of a different network ({path}):\n  "
+            f"{workdir} holds a checkpoint of a different network or dataset ({path}):\n  "
             + "\n  ".join(problems)
             + "\nNothing was changed. Use a new --workdir, or rerun with the settings stored there."
         )

@@ -10,7 +10,7 @@ import numpy as np
 from lgcn_jax import input_pipeline, metrics
 from lgcn_jax.predict import Model, predict
 
-__all__ = ["predict_batches", "predict_landmarks", "evaluate_landmarks", "write_report", "plot_ced", "format_table", "NORMS"]
+__all__ = ["predict_batches", "predict_landmarks", "evaluate_landmarks", "subset_reports", "write_report", "plot_ced", "plot_training", "format_table", "NORMS"]
 
 NORMS = ("inter_ocular", "inter_pupil")
 THRESHOLD = 0.08
@@ -48,6 +48,22 @@ def evaluate_landmarks(pred: np.ndarray, gt: np.ndarray, threshold: float = THRE
     return report
 
 
+def subset_reports(pred: np.ndarray, gt: np.ndarray, file_names, threshold: float = THRESHOLD) -> dict:
+    """``evaluate_landmarks`` per source dataset (first folder of each file name, e.g. helen, lfpw), without
+    per-image lists; {} when the split comes from one dataset only."""
+    groups = np.array([str(f).split("/")[0] for f in file_names])
+    if len(set(groups)) < 2:
+        return {}
+    out = {}
+    for g in sorted(set(groups)):
+        sel = groups == g
+        rep = evaluate_landmarks(pred[sel], gt[sel], threshold)
+        for norm in NORMS:
+            rep[norm].pop("per_image")
+        out[g] = {"num_faces": int(sel.sum()), **rep}
+    return out
+
+
 def write_report(report: dict, path: str) -> str:
     """Write the report as JSON (atomically: an interrupted run leaves the previous file intact)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -76,6 +92,41 @@ def plot_ced(curves: dict[str, np.ndarray], path: str, title: str = "", threshol
     ax.set_ylabel("fraction of faces")
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def plot_training(workdir: str, path: str, title: str = "") -> str:
+    """Save the training curve of a run (loss and validation NME by step, from ``metrics.jsonl``) as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from lgcn_jax.metric_writer import read_metrics
+
+    records = read_metrics(workdir)
+    loss = [(r["step"], r["train/loss"]) for r in records if isinstance(r.get("train/loss"), float)]
+    val = [(r["step"], r["val/nme"]) for r in records if isinstance(r.get("val/nme"), float)]
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
+    if loss:
+        ax.plot(*zip(*loss), color="tab:blue", lw=0.8, label="training loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss", color="tab:blue")
+    ax.set_yscale("log")
+    ax2 = ax.twinx()
+    if val:
+        ax2.plot(*zip(*val), "o-", color="tab:red", ms=3, label="validation NME (arg-max)")
+    ax2.set_ylabel("validation NME, inter-ocular", color="tab:red")
+    ax2.set_ylim(0, max([v for _, v in val[1:]] or [0.2]) * 1.1)
+    ax.grid(alpha=0.3)
     if title:
         ax.set_title(title)
     fig.tight_layout()

@@ -1,36 +1,47 @@
-"""tf.data input pipeline: deterministic, resumable, augmenting, prefetching to device.
+"""Input: splits in memory from a TFDS build or a TF-free array export, and two training streams.
 
 A split is small (300-W train is 3148 faces; 96x96 u8 is 29 MB), so it is held
 in memory and example ``g`` of the endless training stream is a pure function
-of (seed, g): epoch ``g // N`` permutes the split with a stateless index
-shuffle and the augmentation draws from a stateless RNG keyed by ``g``.
-Resuming at step s is therefore exact: the stream starts at g = s * batch.
+of (seed, g).  Resuming at step s is therefore exact: the stream starts at
+g = s * batch.  Two streams, chosen by ``data.pipeline``:
+
+* ``tf``: tf.data permutes each epoch with a stateless index shuffle and
+  augments on the CPU with a stateless RNG keyed by ``g`` (``train_dataset``).
+* ``jax``: NumPy permutes each epoch and yields raw u8 batches with their
+  example indices; ``lgcn_jax.augment`` changes them on the device inside the
+  jit-compiled step (``array_batches``).  Needs no TensorFlow.
+
+Both apply the same change for the same seven numbers (tests check it); the
+examples each draws differ, their distribution does not.  ``auto`` takes tf.data
+where TensorFlow is installed.
+
+Splits come from a TFDS data dir, or from a folder written by
+``python -m data_prep.export_arrays`` (one ``SPLIT.npz`` per split and
+``lgcn_arrays.json``), which needs only NumPy to read: pass either as ``data.data_dir``.
 """
 
 from __future__ import annotations
 
 import collections
+import importlib.util
+import json
 import os
+import re
+import zipfile
+import zlib
 from typing import Iterator
 
 import jax
 import numpy as np
 
+from lgcn_jax.augment import FLIP_PERMUTATION
 from lgcn_jax.config import DataConfig
 
-__all__ = ["load_split", "train_dataset", "eval_batches", "prefetch_to_device", "FLIP_PERMUTATION", "DatasetError"]
+__all__ = ["load_split", "available_splits", "holdout", "train_dataset", "array_batches", "eval_batches", "prefetch_to_device",
+           "resolve_pipeline", "export_arrays", "ARRAYS_META", "FLIP_PERMUTATION", "DatasetError"]
 
-# Standard 68-point left/right correspondence (0-indexed iBUG markup).
-FLIP_PERMUTATION = np.array(
-    list(range(16, -1, -1))  # jaw
-    + list(range(26, 16, -1))  # brows
-    + [27, 28, 29, 30]  # bridge
-    + [35, 34, 33, 32, 31]  # nostrils
-    + [45, 44, 43, 42, 47, 46]  # left eye <- right eye
-    + [39, 38, 37, 36, 41, 40]
-    + [54, 53, 52, 51, 50, 49, 48, 59, 58, 57, 56, 55]  # outer lip
-    + [64, 63, 62, 61, 60, 67, 66, 65]  # inner lip
-)
+ARRAYS_META = "lgcn_arrays.json"
+ARRAYS_FORMAT = 1
 
 
 class DatasetError(RuntimeError):
@@ -44,6 +55,19 @@ def _tf():
     return tf
 
 
+def has_tensorflow() -> bool:
+    return importlib.util.find_spec("tensorflow") is not None and importlib.util.find_spec("tensorflow_datasets") is not None
+
+
+def resolve_pipeline(config: DataConfig) -> str:
+    """"tf" or "jax": the training stream ``config.pipeline`` asks for ("auto": tf.data where TensorFlow is installed)."""
+    if config.pipeline == "auto":
+        return "tf" if has_tensorflow() else "jax"
+    if config.pipeline == "tf" and not has_tensorflow():
+        raise DatasetError("data.pipeline=tf needs tensorflow and tensorflow-datasets; install them or use data.pipeline=jax (or auto)")
+    return config.pipeline
+
+
 def _data_dir(config: DataConfig) -> str:
     return os.path.expanduser(config.data_dir or os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets"))
 
@@ -52,27 +76,56 @@ _SPLIT_ALIASES = {"synthetic": {"val": "validation"}, "300w": {}}
 
 
 def load_split(config: DataConfig, split: str) -> dict[str, np.ndarray]:
-    """Load a whole split into memory, building the dataset first if needed.
+    """Load a whole split into memory (from an array export, or TFDS, building synthetic data if needed).
 
-    Returns {"image": u8[N, S, S, 1], "landmarks": f32[N, 68, 2]} (and "file_name" str[N] for 300-W).
+    Returns {"image": u8[N, S, S, 1], "landmarks": f32[N, 68, 2]} (and "file_name" str[N] for 300-W),
+    resized to ``config.image_size`` if stored at another size.
     """
+    data_dir = _data_dir(config)
+    split = _SPLIT_ALIASES.get(config.dataset, {}).get(split, split)
+    if os.path.exists(os.path.join(data_dir, ARRAYS_META)):
+        out = _load_exported(data_dir, config, split)
+    else:
+        out = _load_tfds(data_dir, config, split)
+    stored = out["image"].shape[1]
+    if out["image"].shape[1:3] != (config.image_size, config.image_size):
+        out["image"] = _resize(out["image"], config.image_size)
+        # Pixel centres: continuous coordinate u = x + 0.5 scales with the image.
+        out["landmarks"] = (out["landmarks"] + 0.5) * (config.image_size / stored) - 0.5
+    return out
+
+
+def _absent_split(split: str, config: DataConfig, data_dir: str, available) -> DatasetError:
+    if config.dataset == "300w":
+        from data_prep.layout_300w import absent_split_message
+
+        exported = os.path.exists(os.path.join(data_dir, ARRAYS_META))
+        return DatasetError(absent_split_message(split, data_dir) + f" (this {'export' if exported else 'build'} has: {', '.join(sorted(available))})"
+                            + ("; then export it again with `python -m data_prep.export_arrays`" if exported else ""))
+    return DatasetError(f"split {split!r} does not exist in {config.dataset} under {data_dir}; available: {sorted(available)}")
+
+
+def _tfds_builder(data_dir: str, config: DataConfig):
+    if not has_tensorflow():
+        raise DatasetError(
+            f"{data_dir} holds no array export ({ARRAYS_META}) and TensorFlow is not installed to read a TFDS build; "
+            "export the splits on a machine with TensorFlow: `python -m data_prep.export_arrays --dataset "
+            f"{config.dataset} --data_dir TFDS_DIR --out DIR`, then pass --data_dir DIR"
+        )
     import tensorflow_datasets as tfds
 
     _tf()
-    data_dir = _data_dir(config)
     if config.dataset == "synthetic":
         from data_prep.synthetic_tfds import SyntheticFaces
 
         builder = SyntheticFaces(data_dir=data_dir)
         if not builder.is_prepared():
             builder.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
-    elif config.dataset == "300w":
-        try:
-            from data_prep.build_300w import Face300W, config_for
-        except ImportError as e:  # pragma: no cover - a broken install
-            raise DatasetError(f"the 300-W builder is not available in this install: {e}") from e
+        return builder
+    if config.dataset == "300w":
+        from data_prep.build_300w import Face300W, config_for
 
-        # Crops built at this size if there are any, else the 96-pixel build, resized below.
+        # Crops built at this size if there are any, else the 96-pixel build, resized by load_split.
         sized = os.path.isdir(os.path.join(data_dir, Face300W.name, f"crop{config.image_size}"))
         builder = Face300W(data_dir=data_dir, config=config_for(config.image_size) if sized else "crop96")
         if not builder.is_prepared():
@@ -80,37 +133,150 @@ def load_split(config: DataConfig, split: str) -> dict[str, np.ndarray]:
                 f"300-W is not built under {data_dir}; run "
                 f"`python -m data_prep.build_300w --manual_dir PATH/TO/300W --data_dir {data_dir}` first"
             )
-    else:
-        raise DatasetError(f"unknown dataset {config.dataset!r}")
-    split = _SPLIT_ALIASES.get(config.dataset, {}).get(split, split)
+        return builder
+    raise DatasetError(f"unknown dataset {config.dataset!r}")
+
+
+def _load_tfds(data_dir: str, config: DataConfig, split: str) -> dict[str, np.ndarray]:
+    import tensorflow_datasets as tfds
+
+    builder = _tfds_builder(data_dir, config)
     if split not in builder.info.splits:
-        raise DatasetError(
-            f"split {split!r} does not exist in {config.dataset} under {data_dir}; available: {sorted(builder.info.splits)}"
-        )
-    ds = builder.as_dataset(split=split, batch_size=-1, shuffle_files=False)
-    arrays = tfds.as_numpy(ds)
-    images = arrays["image"]
-    landmarks = arrays["landmarks"].astype(np.float32)
-    stored = images.shape[1]
-    if images.shape[1:3] != (config.image_size, config.image_size):
-        images = _resize(images, config.image_size)
-        # Pixel centres: continuous coordinate u = x + 0.5 scales with the image.
-        landmarks = (landmarks + 0.5) * (config.image_size / stored) - 0.5
-    out = {"image": images, "landmarks": landmarks}
+        raise _absent_split(split, config, data_dir, builder.info.splits)
+    arrays = tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1, shuffle_files=False))
+    out = {"image": arrays["image"], "landmarks": arrays["landmarks"].astype(np.float32)}
     if "file_name" in arrays:  # 300-W: which photo each face came from
         out["file_name"] = np.array([f.decode() if isinstance(f, bytes) else str(f) for f in arrays["file_name"]])
     return out
 
 
+def available_splits(config: DataConfig) -> list[str]:
+    """The splits that ``config.data_dir`` holds for ``config.dataset``."""
+    data_dir = _data_dir(config)
+    if os.path.exists(os.path.join(data_dir, ARRAYS_META)):
+        return sorted(_read_meta(data_dir, config)["splits"])
+    return sorted(_tfds_builder(data_dir, config).info.splits)
+
+
+def _read_meta(data_dir: str, config: DataConfig) -> dict:
+    path = os.path.join(data_dir, ARRAYS_META)
+    try:
+        with open(path) as f:
+            meta = json.load(f)
+        fmt, dataset, splits = meta["format"], meta["dataset"], meta["splits"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise DatasetError(f"{path} is not a readable lgcn_jax array export ({type(e).__name__}: {e}); export it again") from e
+    if fmt != ARRAYS_FORMAT:
+        raise DatasetError(f"{path} has export format {fmt}; this lgcn_jax reads format {ARRAYS_FORMAT}: export it again")
+    if dataset != config.dataset:
+        raise DatasetError(f"{data_dir} is an export of dataset {dataset!r}, but data.dataset is {config.dataset!r}; "
+                           f"pass --dataset {dataset} or the export of {config.dataset!r}")
+    return meta
+
+
+def _load_exported(data_dir: str, config: DataConfig, split: str) -> dict[str, np.ndarray]:
+    meta = _read_meta(data_dir, config)
+    if split not in meta["splits"]:
+        raise _absent_split(split, config, data_dir, meta["splits"])
+    entry = meta["splits"][split]
+    path = os.path.join(data_dir, entry["file"])
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            out = {k: z[k] for k in z.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise DatasetError(f"{path} is truncated or corrupt ({type(e).__name__}: {e}); copy or export it again") from e
+    n = entry["num_examples"]
+    image, landmarks = out.get("image"), out.get("landmarks")
+    if image is None or landmarks is None or len(image) != n or len(landmarks) != n or image.dtype != np.uint8 or image.ndim != 4:
+        got = {k: (v.shape, str(v.dtype)) for k, v in out.items()}
+        raise DatasetError(f"{path} does not hold the {n} examples {ARRAYS_META} lists (found {got}); copy or export it again")
+    out["landmarks"] = landmarks.astype(np.float32)
+    return out
+
+
+def export_arrays(config: DataConfig, out_dir: str, splits=None, overwrite: bool = False) -> dict:
+    """Write the splits of a TFDS build as ``SPLIT.npz`` + ``lgcn_arrays.json`` under ``out_dir`` (needs TensorFlow).
+
+    Images keep the build's size (resized when loaded).  Refuses to replace an existing export unless ``overwrite``.
+    Returns the metadata written.
+    """
+    data_dir = _data_dir(config)
+    names = list(splits) if splits else available_splits(config)
+    meta_path = os.path.join(out_dir, ARRAYS_META)
+    if os.path.exists(meta_path) and not overwrite:
+        raise DatasetError(f"{out_dir} already holds an export ({ARRAYS_META}); pass overwrite=True (--overwrite) or another folder")
+    os.makedirs(out_dir, exist_ok=True)
+    meta = {"format": ARRAYS_FORMAT, "dataset": config.dataset, "source": os.path.abspath(data_dir), "splits": {}}
+    for name in names:
+        arrays = _load_tfds(data_dir, config, name)
+        file = f"{name}.npz"
+        tmp = os.path.join(out_dir, f".{name}.tmp.npz")
+        np.savez(tmp, **arrays)
+        os.replace(tmp, os.path.join(out_dir, file))
+        meta["splits"][name] = {"file": file, "num_examples": int(len(arrays["image"])), "image_size": int(arrays["image"].shape[1])}
+    tmp = meta_path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(meta, f, indent=1)
+    os.replace(tmp, meta_path)
+    return meta
+
+
+def photo_id(file_name: str) -> str:
+    """The photo a face came from: 'afw/4538917191_16.jpg' -> 'afw/4538917191'.
+
+    300-W numbers the faces of a photo _1, _2, ... (no leading zero); LFPW's zero-padded
+    'image_0046' is a photo, not a face index, and is kept whole.
+    """
+    return re.sub(r"_[1-9]\d?$", "", os.path.splitext(file_name)[0])
+
+
+def holdout(data: dict[str, np.ndarray], num_faces: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Split a training split into (train, validation) with at least ``num_faces`` validation faces.
+
+    Whole photos go to one side (faces of one photo share its person and lighting), each
+    subset folder contributes in proportion to its size, and photos are chosen by a CRC32
+    of their name, so the split is the same on every machine and for any order of the
+    rows.  Needs "file_name"; order within each part is kept.
+    """
+    n = len(data["image"])
+    if num_faces <= 0:
+        return data, {k: v[:0] for k, v in data.items()}
+    if "file_name" not in data:
+        raise DatasetError("a validation holdout needs the file names of the training faces (a 300-W build has them)")
+    if num_faces >= n:
+        raise DatasetError(f"data.validation_faces={num_faces} leaves no training faces of {n}; lower it")
+    photos = np.array([photo_id(f) for f in data["file_name"]])
+    folders = np.array([os.path.dirname(p) for p in photos])
+    counts = collections.Counter(photos)
+    chosen = set()
+    for folder in sorted(set(folders)):  # each subset (AFW, HELEN, LFPW) in proportion to its size
+        quota = max(1, round(num_faces * np.count_nonzero(folders == folder) / n))  # whole photos until it is reached
+        count = 0
+        for p in sorted(set(photos[folders == folder]), key=lambda p: (zlib.crc32(p.encode()), p)):
+            if count >= quota:
+                break
+            chosen.add(p)
+            count += counts[p]
+    val = np.array([p in chosen for p in photos])
+    if val.all():
+        raise DatasetError(f"data.validation_faces={num_faces} leaves no training faces of {n}; lower it")
+    return {k: v[~val] for k, v in data.items()}, {k: v[val] for k, v in data.items()}
+
+
 def _resize(images: np.ndarray, size: int) -> np.ndarray:
-    tf = _tf()
-    return tf.cast(tf.round(tf.image.resize(images, (size, size), antialias=True)), tf.uint8).numpy()
+    """u8[N, S, S, 1] -> u8[N, size, size, 1], antialiased bilinear (TensorFlow's ``resize(antialias=True)``)."""
+    out = jax.image.resize(np.asarray(images, np.float32), (len(images), size, size, images.shape[-1]), "linear", antialias=True)
+    return np.asarray(jax.numpy.clip(jax.numpy.round(out), 0, 255)).astype(np.uint8)
 
 
 def _augment(tf, image, landmarks, key, config: DataConfig):
     """Random similarity warp + flip + brightness/contrast of one example (stateless)."""
+    return _augment_with(tf, image, landmarks, tf.random.stateless_uniform([7], seed=key, minval=-1.0, maxval=1.0), config)
+
+
+def _augment_with(tf, image, landmarks, u, config: DataConfig):
+    """The change ``u`` f32[7] of ``lgcn_jax.augment`` in TensorFlow ops (same maths, same meaning of u)."""
     size = float(config.image_size)
-    u = tf.random.stateless_uniform([7], seed=key, minval=-1.0, maxval=1.0)
     angle = u[0] * np.deg2rad(config.max_rotation_deg)
     scale = 1.0 + u[1] * config.max_scale_delta
     shift = u[2:4] * config.max_shift_frac * size
@@ -166,6 +332,33 @@ def train_dataset(data: dict[str, np.ndarray], config: DataConfig, batch_size: i
     options = tf.data.Options()
     options.deterministic = True
     return ds.with_options(options)
+
+
+def array_batches(data: dict[str, np.ndarray], batch_size: int, seed: int, start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
+    """Endless raw batches for the ``jax`` pipeline, from step ``start_step``; no TensorFlow.
+
+    Yields {"image": u8[B, S, S, 1], "landmarks": f32[B, L, 2], "example": i32[B]}: example ``g``
+    is face ``perm_e[g % N]`` of epoch ``e = g // N`` (a NumPy permutation seeded by (seed, e)),
+    and ``g`` is what ``lgcn_jax.augment`` keys the example's change with, inside the step.
+    """
+    images, landmarks = data["image"], data["landmarks"].astype(np.float32)
+    n = len(images)
+    if n == 0:
+        raise DatasetError("the training split is empty")
+    g = start_step * batch_size
+    epoch, perm = -1, None
+    while True:
+        ids = np.arange(g, g + batch_size, dtype=np.int64)
+        idx = np.empty(batch_size, np.int64)
+        for e in np.unique(ids // n):
+            if e != epoch:
+                epoch, perm = int(e), np.random.default_rng([seed, int(e)]).permutation(n)
+            sel = ids // n == e
+            idx[sel] = perm[ids[sel] % n]
+        if ids[-1] >= 2**31:
+            raise DatasetError("the training stream passed 2**31 examples; start a new run")
+        yield {"image": images[idx], "landmarks": landmarks[idx], "example": ids.astype(np.int32)}
+        g += batch_size
 
 
 def eval_batches(data: dict[str, np.ndarray], batch_size: int) -> Iterator[dict[str, np.ndarray]]:

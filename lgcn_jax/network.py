@@ -8,6 +8,7 @@ main head.  docs/architecture.md has the table and its sources.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any
 
@@ -19,7 +20,7 @@ from flax import struct
 from lgcn_jax.config import Config, ModelConfig
 from lgcn_jax.kernel_conv import Kernel, gaussian_mixture_kernel, kernel_conv
 
-__all__ = ["LGCNParams", "LGCN", "model_kernel", "init", "apply", "apply_train", "check_images"]
+__all__ = ["LGCNParams", "LGCN", "model_kernel", "init", "apply", "apply_train", "check_images", "batch_statistics", "recalibrate_batch_stats"]
 
 
 @functools.lru_cache(maxsize=16)
@@ -148,3 +149,39 @@ def apply_train(params: LGCNParams, images: jax.Array, dropout_rng: jax.Array) -
         params.variables, images, train=True, rngs={"dropout": dropout_rng}, mutable=["batch_stats"]
     )
     return o1, o2, updates["batch_stats"]
+
+
+@jax.jit
+def batch_statistics(params: LGCNParams, images: jax.Array) -> Any:
+    """BatchNorm statistics of one batch images f32[B, H, W, 1]: a ``batch_stats`` tree of per-channel mean and var.
+
+    Training-mode normalisation without dropout, as inference sees the network.
+    """
+    m = dataclasses.replace(params.config, dropout_rate=0.0, bn_momentum=0.0)  # momentum 0: the batch's own statistics
+    _, updates = LGCN(m).apply(params.variables, images, train=True, mutable=["batch_stats"])
+    return updates["batch_stats"]
+
+
+def recalibrate_batch_stats(params: LGCNParams, image_batches) -> LGCNParams:
+    """Replace the stored BatchNorm statistics by population statistics over many batches ("precise BN").
+
+    Training keeps the statistics of the last batch only (momentum 0, the authors' setting);
+    inference is steadier with the mean over K batches: mean = E_k[mean_k] and
+    var = E_k[var_k + mean_k^2] - mean^2 (the variance of all pixels of all K batches).
+
+    Args:
+      image_batches: an iterable of f32[B, H, W, 1] (or u8) batches of equal size, e.g. training crops.
+    """
+    total, count = None, 0
+    for images in image_batches:
+        stats = batch_statistics(params, check_images(images))
+        moments = {name: (s["mean"], s["var"] + s["mean"] ** 2) for name, s in stats.items()}
+        total = moments if total is None else jax.tree_util.tree_map(jnp.add, total, moments)
+        count += 1
+    if count == 0:
+        raise ValueError("recalibrate_batch_stats needs at least one batch")
+    stats = {}
+    for name, (m, q) in total.items():
+        mean = m / count
+        stats[name] = {"mean": mean, "var": jnp.maximum(q / count - mean**2, 0.0)}
+    return params.replace(batch_stats=stats)

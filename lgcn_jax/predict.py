@@ -105,6 +105,11 @@ def _checkpoints_dir() -> str:
     return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "checkpoints")
 
 
+def pretrained_path(name: str = PRETRAINED) -> str:
+    """The folder of the released checkpoint ``name``."""
+    return os.path.join(_checkpoints_dir(), name)
+
+
 @functools.lru_cache(maxsize=4)
 def load_pretrained(name: str = PRETRAINED) -> Model:
     """The released weights under ``checkpoints/NAME`` (or ``$LGCN_CHECKPOINTS/NAME``).
@@ -117,7 +122,7 @@ def load_pretrained(name: str = PRETRAINED) -> Model:
     """
     from lgcn_jax.checkpoint import CheckpointError
 
-    path = os.path.join(_checkpoints_dir(), name)
+    path = pretrained_path(name)
     if not os.path.isdir(path):
         raise CheckpointError(
             f"no released checkpoint {name!r} at {path}; available: {sorted(os.listdir(_checkpoints_dir())) if os.path.isdir(_checkpoints_dir()) else []}. "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
@@ -14,14 +15,16 @@ import numpy as np
 import optax
 from flax import struct
 
+from lgcn_jax import augment as augment_lib
 from lgcn_jax import checkpoint as ckpt_lib
 from lgcn_jax import input_pipeline, metrics, network
 from lgcn_jax import shape_model as shape_model_lib
-from lgcn_jax.config import Config, TrainConfig
+from lgcn_jax.config import Config, DataConfig, TrainConfig
+from lgcn_jax.metric_writer import MetricWriter
 from lgcn_jax.heatmaps import argmax_subpixel
 from lgcn_jax.loss import heatmap_loss
 
-__all__ = ["TrainState", "make_optimizer", "create_train_state", "loss", "train_step", "eval_step", "predict_split", "evaluate", "build_shape_model", "train_and_evaluate"]
+__all__ = ["TrainState", "make_optimizer", "create_train_state", "loss", "train_step", "eval_step", "predict_split", "evaluate", "build_shape_model", "training_splits", "recalibrated", "train_and_evaluate", "export_workdir"]
 
 log = logging.getLogger("lgcn_jax")
 
@@ -68,8 +71,11 @@ def loss(params: Any, net: network.LGCNParams, batch: dict, rng: jax.Array, loss
     return per_face.mean(), batch_stats
 
 
-@functools.partial(jax.jit, static_argnames="loss_scale", donate_argnums=0)
-def _train_step(state: TrainState, batch: dict, loss_scale: float) -> tuple[TrainState, dict]:
+@functools.partial(jax.jit, static_argnames=("loss_scale", "augment"), donate_argnums=0)
+def _train_step(state: TrainState, batch: dict, loss_scale: float, augment: DataConfig | None) -> tuple[TrainState, dict]:
+    if augment is not None:  # the jax pipeline: raw u8 batches, changed here on the device
+        image, landmarks = augment_lib.augment_batch(batch["image"], batch["landmarks"], batch["example"], state.seed, augment)
+        batch = {**{k: v for k, v in batch.items() if k != "example"}, "image": image, "landmarks": landmarks}
     # Dropout noise is a function of (seed, step): a resumed run draws the same masks.
     rng = jax.random.fold_in(jax.random.key(state.seed), state.step)
     grad_fn = jax.value_and_grad(loss, has_aux=True)
@@ -80,15 +86,18 @@ def _train_step(state: TrainState, batch: dict, loss_scale: float) -> tuple[Trai
     return new_state, {"loss": value, "grad_norm": optax.global_norm(grads)}
 
 
-def train_step(state: TrainState, batch: dict, loss_scale: float = 0.05) -> tuple[TrainState, dict]:
+def train_step(state: TrainState, batch: dict, loss_scale: float = 0.05, augment: DataConfig | None = None) -> tuple[TrainState, dict]:
     """One optimisation step (jit-compiled; ``state`` is donated).
 
     Args:
-      batch: {"image": f32[B, H, W, 1], "landmarks": f32[B, L, 2]} (optional "mask": f32[B, L]).
+      batch: {"image": f32[B, H, W, 1], "landmarks": f32[B, L, 2]} (optional "mask": f32[B, L]);
+        with ``augment``, the raw batch of ``input_pipeline.array_batches``:
+        {"image": u8[B, H, W, 1], "landmarks": f32[B, L, 2], "example": i32[B]}.
+      augment: a DataConfig: augment the batch on the device first (``lgcn_jax.augment``).
     Returns:
       the new state and {"loss", "grad_norm"} scalars.
     """
-    return _train_step(state, batch, loss_scale)
+    return _train_step(state, batch, loss_scale, augment)
 
 
 @jax.jit
@@ -115,8 +124,10 @@ def evaluate(net: network.LGCNParams, data: dict, batch_size: int = 32, max_batc
 def build_shape_model(config: Config, workdir: str, train_data: dict | None = None) -> str:
     """Learn the PCA shape model from the training split's landmarks and save it in ``workdir``; returns its path."""
     if train_data is None:
-        train_data = input_pipeline.load_split(config.data, "train")
+        train_data = training_splits(config)[0]
     n = len(train_data["landmarks"])
+    if n < 2:
+        raise input_pipeline.DatasetError(f"a shape model needs at least 2 training faces, the training split has {n}")
     k = min(config.postprocess.num_components, n - 1)
     if k < config.postprocess.num_components:
         log.warning("only %d training shapes: the shape model keeps %d components, not %d", n, k, config.postprocess.num_components)
@@ -127,10 +138,29 @@ def build_shape_model(config: Config, workdir: str, train_data: dict | None = No
     return path
 
 
-def _summary_writer(workdir: str):
-    import tensorflow as tf
+def training_splits(config: Config) -> tuple[dict, dict]:
+    """(train, validation) in memory: synthetic's own validation split, or a holdout of 300-W train."""
+    train_data = input_pipeline.load_split(config.data, "train")
+    if config.data.dataset == "synthetic":
+        return train_data, input_pipeline.load_split(config.data, "validation")
+    if config.data.validation_faces == 0:
+        log.warning("data.validation_faces=0: selecting the best checkpoint on the common subset, which is then no longer a clean test set")
+        return train_data, input_pipeline.load_split(config.data, "common")
+    train_data, val_data = input_pipeline.holdout(train_data, config.data.validation_faces)
+    log.info("300-W train: %d faces for training, %d held out for validation", len(train_data["image"]), len(val_data["image"]))
+    return train_data, val_data
 
-    return tf.summary.create_file_writer(os.path.join(workdir, "tb"))
+
+def recalibrated(net: network.LGCNParams, train_data: dict, config: Config) -> network.LGCNParams:
+    """``net`` with BatchNorm statistics over ``train.bn_recalibration_batches`` batches of training crops
+    (a fixed random choice of faces, unaugmented: the inputs inference sees); unchanged when that is 0."""
+    k, b = config.train.bn_recalibration_batches, config.train.batch_size
+    if k == 0:
+        return net
+    n = len(train_data["image"])
+    order = np.random.default_rng(config.train.seed).permutation(n)
+    idx = np.resize(order, k * b).reshape(k, b)  # repeats faces only when the split has fewer than k * b
+    return network.recalibrate_batch_stats(net, (train_data["image"][i] for i in idx))
 
 
 def train_and_evaluate(config: Config, workdir: str, progress: bool = True) -> dict:
@@ -139,13 +169,14 @@ def train_and_evaluate(config: Config, workdir: str, progress: bool = True) -> d
     Resuming: the run restores the latest checkpoint under ``workdir/last`` and
     continues from its step; the input stream, augmentation and dropout are
     functions of (seed, step), so the continued run follows the same path.
+    Metrics go to ``workdir/metrics.jsonl`` and TensorBoard (``workdir/tb``).
     """
     from tqdm.auto import tqdm
 
     stored = ckpt_lib.check_workdir_config(workdir, config)
     t = config.train
-    train_data = input_pipeline.load_split(config.data, "train")
-    val_data = input_pipeline.load_split(config.data, "validation" if config.data.dataset == "synthetic" else "common")
+    pipeline = input_pipeline.resolve_pipeline(config.data)
+    train_data, val_data = training_splits(config)
     state = create_train_state(config)
     ckpts = ckpt_lib.Checkpoints(workdir, keep=t.keep_checkpoints)
     start = ckpts.latest_step() or 0
@@ -153,26 +184,36 @@ def train_and_evaluate(config: Config, workdir: str, progress: bool = True) -> d
         state = ckpts.restore(start, state)
         log.info("resumed from %s/last/%d", workdir, start)
     elif stored is None:
-        log.info("fresh run in %s", workdir)
+        log.info("fresh run in %s (%s input pipeline)", workdir, pipeline)
     ckpt_lib.write_config(workdir, config)
     if not os.path.exists(os.path.join(workdir, shape_model_lib.FILENAME)):
         build_shape_model(config, workdir, train_data)
-    writer = _summary_writer(workdir)
+    writer = MetricWriter(workdir, start)
     result: dict = {}
+
+    def validate(step: int) -> tuple[dict, network.LGCNParams]:
+        net = recalibrated(state.net, train_data, config)
+        res = evaluate(net, val_data, max_batches=t.eval_batches)
+        writer.write(step, {"val/nme": res["nme"], "val/auc": res["auc"], "val/failure_rate": res["failure_rate"]})
+        return res, net
+
     if start == 0:
-        result = evaluate(state.net, val_data, max_batches=t.eval_batches)
+        result, _ = validate(0)
         log.info("step 0 (untrained) validation NME %.4f", result["nme"])
-        with writer.as_default():
-            _scalars({"val/nme": result["nme"], "val/auc": result["auc"]}, 0)
-    stream = input_pipeline.train_dataset(train_data, config.data, t.batch_size, t.seed, start_step=start)
-    batches = input_pipeline.prefetch_to_device(stream.as_numpy_iterator())
+    if pipeline == "tf":
+        stream = input_pipeline.train_dataset(train_data, config.data, t.batch_size, t.seed, start_step=start).as_numpy_iterator()
+        augment = None
+    else:
+        stream = input_pipeline.array_batches(train_data, t.batch_size, t.seed, start_step=start)
+        augment = config.data
+    batches = input_pipeline.prefetch_to_device(stream)
     bar = tqdm(total=t.num_steps, initial=start, disable=not progress, unit="step", dynamic_ncols=True)
     step = start
     window_start, window_steps = time.perf_counter(), 0
     try:
         while step < t.num_steps:
             batch = next(batches)
-            state, m = train_step(state, batch, t.loss_scale)
+            state, m = train_step(state, batch, t.loss_scale, augment)
             step += 1
             window_steps += 1
             bar.update(1)
@@ -183,28 +224,36 @@ def train_and_evaluate(config: Config, workdir: str, progress: bool = True) -> d
                 rate = window_steps * t.batch_size / (time.perf_counter() - window_start)
                 window_start, window_steps = time.perf_counter(), 0
                 bar.set_postfix(loss=f"{loss_value:.4f}", img_s=f"{rate:.1f}")
-                with writer.as_default():
-                    _scalars({"train/loss": loss_value, "train/grad_norm": float(m["grad_norm"]), "train/images_per_s": rate,
-                              "train/lr": float(learning_rate_schedule(t)(step))}, step)
+                writer.write(step, {"train/loss": loss_value, "train/grad_norm": float(m["grad_norm"]), "train/images_per_s": rate,
+                                    "train/lr": float(learning_rate_schedule(t)(step))})
             if step % t.checkpoint_every == 0 or step == t.num_steps:
                 ckpts.save(step, state)
             if step % t.eval_every == 0 or step == t.num_steps:
-                result = evaluate(state.net, val_data, max_batches=t.eval_batches)
-                ckpts.save_best(step, state, result["nme"])
+                result, net = validate(step)
+                ckpts.save_best(step, state.replace(net=net), result["nme"])
                 bar.write(f"step {step}: validation NME {result['nme']:.4f}  AUC@0.08 {result['auc']:.4f}  failures {result['failure_rate']:.3f}")
-                with writer.as_default():
-                    _scalars({"val/nme": result["nme"], "val/auc": result["auc"], "val/failure_rate": result["failure_rate"]}, step)
         if not result:
-            result = evaluate(state.net, val_data, max_batches=t.eval_batches)
+            result, _ = validate(step)
     finally:
         bar.close()
-        writer.flush()
+        writer.close()
         ckpts.close()
     return result
 
 
-def _scalars(values: dict, step: int) -> None:
-    import tensorflow as tf
+def export_workdir(workdir: str, directory: str, which: str = "best", recalibrate_batches: int = 0) -> str:
+    """Write a workdir's checkpoint as a self-contained folder (config.json, params.msgpack, shape_model.npz).
 
-    for k, v in values.items():
-        tf.summary.scalar(k, v, step=step)
+    With ``recalibrate_batches`` > 0 the BatchNorm statistics are measured again over that many
+    batches of unaugmented training crops first (the best checkpoint already carries
+    ``train.bn_recalibration_batches`` of them).  Refuses to write into a non-empty ``directory``.
+    """
+    from lgcn_jax.predict import export_model, load_model
+
+    if os.path.isdir(directory) and os.listdir(directory):
+        raise ckpt_lib.CheckpointError(f"{directory} exists and is not empty; nothing was written. Export to a new folder or remove it first")
+    model = load_model(workdir, which=which)
+    if recalibrate_batches:
+        config = dataclasses.replace(model.config, train=dataclasses.replace(model.config.train, bn_recalibration_batches=recalibrate_batches))
+        model = model._replace(params=recalibrated(model.params, training_splits(config)[0], config))
+    return export_model(model, directory)

@@ -172,11 +172,34 @@ def test_bad_files_name_the_file(tmp_path, capsys, case):
     assert code == 0 and "train            2 faces  (1 skipped)" in out, out
 
 
-def test_missing_subset_folder(tmp_path, capsys):
+def test_missing_subset_folder_is_reported_once_and_its_splits_skipped(tmp_path, capsys, caplog):
+    import run_eval
+    from tests.conftest import tiny_config
+
     root = str(tmp_path / "raw")
-    make_tree(root, {"afw": 1, "helen/trainset": 1, "lfpw/trainset": 1, "helen/testset": 1, "lfpw/testset": 1})
-    assert build_300w.main(["--manual_dir", root, "--data_dir", str(tmp_path / "tfds")]) == 1
-    assert "ibug does not exist" in capsys.readouterr().err
+    make_tree(root, {"afw": 4, "helen/trainset": 1, "lfpw/trainset": 1, "helen/testset": 1, "lfpw/testset": 1})
+    data_dir = str(tmp_path / "tfds")
+    with caplog.at_level("WARNING", logger="data_prep.build_300w"):
+        assert build_300w.main(["--manual_dir", root, "--data_dir", data_dir]) == 0
+    out = capsys.readouterr().out
+    assert "train" in out and "common" in out and "challenging" not in out
+    absent = [r.getMessage() for r in caplog.records if "is absent" in r.getMessage()]
+    assert len([m for m in absent if "/ibug is absent (0 of 135 faces)" in m]) == 1, absent
+    assert any("afw holds 4 of 337 faces" in r.getMessage() for r in caplog.records)
+    # run_eval: the absent split named on the command line is an error saying how to add it; the default skips it.
+    import lgcn_jax
+
+    cfg = lgcn_jax.apply_overrides(tiny_config(num_steps=1, eval_every=1, checkpoint_every=1),
+                                   ["data.dataset=300w", f"data.data_dir={data_dir}", "data.validation_faces=1"])
+    lgcn_jax.train_and_evaluate(cfg, str(tmp_path / "w"), progress=False)
+    capsys.readouterr()
+    assert run_eval.main(["--workdir", str(tmp_path / "w"), "--split", "challenging", "--no_progress"]) == 1
+    err = capsys.readouterr().err
+    assert "'challenging' is not in the build" in err and "ibug" in err and "build_300w --manual_dir" in err
+    assert run_eval.main(["--workdir", str(tmp_path / "w"), "--no_progress"]) == 0
+    cap = capsys.readouterr()
+    assert "split 'challenging' is not in this build; skipping it" in cap.err and "common" in cap.out
+    assert sorted(os.listdir(tmp_path / "w" / "eval")) == ["ced_common.png", "eval_common.json"]
 
 
 def test_train_and_eval_on_300w(built, tmp_path, capsys):
@@ -187,9 +210,10 @@ def test_train_and_eval_on_300w(built, tmp_path, capsys):
 
     root, data_dir, truth = built
     cfg = lgcn_jax.apply_overrides(tiny_config(num_steps=2, eval_every=2, checkpoint_every=2),
-                                   ["data.dataset=300w", f"data.data_dir={data_dir}"])
+                                   ["data.dataset=300w", f"data.data_dir={data_dir}", "data.validation_faces=1"])
     result = lgcn_jax.train_and_evaluate(cfg, str(tmp_path / "w"), progress=False)
-    assert result["num_faces"] == SIZES["common"] and np.isfinite(result["nme"])
+    # One photo of each training subset is held out for validation (the common subset never is).
+    assert result["num_faces"] == 3 and np.isfinite(result["nme"])
     assert run_eval.main(["--workdir", str(tmp_path / "w"), "--no_progress"]) == 0
     out = capsys.readouterr().out
     import json
@@ -199,4 +223,6 @@ def test_train_and_eval_on_300w(built, tmp_path, capsys):
     rep = json.loads((tmp_path / "w" / "eval" / "eval_challenging.json").read_text())
     assert sorted(rep["file_names"]) == sorted(k for k in truth if k.startswith("ibug/"))
     assert run_eval.main(["--workdir", str(tmp_path / "w"), "--split", "validation", "--no_progress"]) == 1
-    assert "split 'validation' does not exist" in capsys.readouterr().err
+    assert "300-W has no split 'validation'" in capsys.readouterr().err
+    rep = json.loads((tmp_path / "w" / "eval" / "eval_common.json").read_text())
+    assert sorted(rep["subsets"]) == ["helen", "lfpw"] and rep["subsets"]["helen"]["num_faces"] == 2

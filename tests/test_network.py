@@ -77,3 +77,27 @@ def test_he_init_scale():
     w = np.asarray(p.params["local3_0_conv"]["kernel"])
     expected = m.init_scale * np.sqrt(2.0 / (3 * 3 * 64))
     assert abs(w.std() / expected - 1) < 0.05
+
+
+def test_recalibrated_batch_stats_are_population_statistics():
+    """First BatchNorm layer (its input does not depend on other BN layers): the statistics over K
+    equal batches equal those of all pixels of their concatenation; the trained stats are replaced."""
+    cfg = dataclasses.replace(tiny_config().model, dropout_rate=0.5)  # dropout must be off while measuring
+    p = lgcn_jax.init(jax.random.key(0), cfg, image_size=16)
+    batches = [np.asarray(jax.random.uniform(jax.random.key(i), (3, 16, 16, 1))) * (0.5 + i) for i in range(4)]
+    new = network.recalibrate_batch_stats(p, iter(batches))
+    x = (np.concatenate(batches) * (255.0 / 128.0) - 1.0) * 0.1
+    k = np.asarray(p.params["local5_0_conv"]["kernel"], np.float64)
+    conv = jax.lax.conv_general_dilated(jnp.asarray(x, jnp.float32), jnp.asarray(k, jnp.float32), (1, 1), "SAME",
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"), precision="highest")
+    conv = np.asarray(conv, np.float64) + np.asarray(p.params["local5_0_conv"]["bias"])
+    stats = new.batch_stats["local5_0_bn"]
+    np.testing.assert_allclose(stats["mean"], conv.mean((0, 1, 2)), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(stats["var"], conv.var((0, 1, 2)), rtol=1e-3, atol=1e-7)
+    # Deeper layers: the mean over batches of that layer's batch statistics (no dropout), not a single batch's.
+    per_batch = [network.batch_statistics(p, b)["global_0_bn"]["mean"] for b in batches]
+    np.testing.assert_allclose(new.batch_stats["global_0_bn"]["mean"], np.mean(per_batch, 0), rtol=1e-5, atol=1e-7)
+    assert not np.allclose(new.batch_stats["global_0_bn"]["mean"], per_batch[-1])
+    assert jax.tree_util.tree_structure(new.batch_stats) == jax.tree_util.tree_structure(p.batch_stats)
+    with pytest.raises(ValueError, match="at least one batch"):
+        network.recalibrate_batch_stats(p, iter([]))

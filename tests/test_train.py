@@ -152,3 +152,27 @@ def test_sigkill_mid_run_then_resume(tmp_path, synthetic_data_dir):
     assert not [s for s in os.listdir(last) if "tmp" in s]  # no half-written checkpoint left behind
     params, cfg = lgcn_jax.load_params(wd, which="last")
     assert cfg.train.num_steps == target and params.config.num_filters == 8
+
+
+def test_export_workdir_recalibrates_and_never_overwrites(trained_workdir, tmp_path, capsys):
+    import run_train
+
+    out = tmp_path / "release"
+    assert run_train.main(["--workdir", trained_workdir, "--export", str(out), "--recalibrate", "2"]) == 0
+    model = lgcn_jax.load_model(str(out))
+    best = lgcn_jax.load_model(trained_workdir)
+    assert _trees_equal(model.params.params, best.params.params)
+    assert not _trees_equal(model.params.batch_stats, best.params.batch_stats)  # measured again over 2 batches
+    assert sorted(os.listdir(out)) == ["config.json", "params.msgpack", "shape_model.npz"]
+    before = {f: (out / f).read_bytes() for f in os.listdir(out)}
+    capsys.readouterr()
+    assert run_train.main(["--workdir", trained_workdir, "--export", str(out)]) == 1
+    assert "is not empty; nothing was written" in capsys.readouterr().err
+    assert {f: (out / f).read_bytes() for f in os.listdir(out)} == before
+
+
+def test_workdir_of_another_dataset_is_refused(trained_workdir):
+    stored = checkpoint.read_config(trained_workdir)
+    other = dataclasses.replace(stored, data=dataclasses.replace(stored.data, dataset="300w"))
+    with pytest.raises(lgcn_jax.CheckpointError, match="data.dataset: stored 'synthetic', requested '300w'"):
+        checkpoint.check_workdir_config(trained_workdir, other)

@@ -1,0 +1,151 @@
+"""Where does a training step's time go?  A breakdown of ``train_step`` against ``apply``, in one run.
+
+    python bench/profile_train_step.py [--preset paper] [--batch 32] [--trace DIR]
+
+Times, after warm-up and as medians, on this machine's first device:
+  * the whole step: ``apply`` (inference), the training-mode forward, loss + gradients, the full
+    ``train_step``, and ``train_step`` with the on-device augmentation of the TF-free pipeline;
+  * every kind of layer of the network on its own, forward, input gradient (dx) and weight
+    gradient (dw), times the number of such layers: the 5x5 and 3x3 local convolutions, the
+    dilated global ones, the blur (``kernel_conv``), BatchNorm + ReLU + dropout;
+  * XLA's own FLOP and byte counts of the compiled forward and step.
+Needs no TensorFlow.  Writes bench/results_profile.json (with the device) and, with --trace,
+a jax.profiler trace for TensorBoard or Perfetto.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+from common import machine, median_time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import lgcn_jax
+from lgcn_jax import network, train
+from lgcn_jax.config import DataConfig
+
+
+def _conv(dilation):
+    def f(x, w):
+        return jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", rhs_dilation=(dilation, dilation),
+                                            dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return f
+
+
+def _parts(f, x, w):
+    """ms of forward, d/dx and d/dw of sum(f(x, w) * ct) (the cotangent is an argument: XLA cannot fold it)."""
+    ct = jnp.ones_like(jax.eval_shape(f, x, w))
+    fwd = jax.jit(f)
+    dx = jax.jit(jax.grad(lambda x, w, c: jnp.vdot(f(x, w), c), 0))
+    dw = jax.jit(jax.grad(lambda x, w, c: jnp.vdot(f(x, w), c), 1))
+    return (median_time(fwd, x, w) * 1e3, median_time(dx, x, w, ct) * 1e3, median_time(dw, x, w, ct) * 1e3)
+
+
+def layer_breakdown(cfg, b: int) -> list[dict]:
+    m, s = cfg.model, cfg.data.image_size
+    f, n = m.num_filters, m.num_landmarks
+    key = jax.random.key(0)
+    rows = []
+
+    def add(name, count, fn, x_shape, w_shape):
+        x = jax.random.normal(key, x_shape, jnp.float32)
+        w = jax.random.normal(key, w_shape, jnp.float32) * 0.01
+        fwd, dx, dw = _parts(fn, x, w)
+        rows.append({"layer": name, "count": count, "fwd_ms": fwd, "dx_ms": dx, "dw_ms": dw,
+                     "total_fwd_ms": fwd * count, "total_bwd_ms": (dx + dw) * count})
+
+    if m.local_5x5_layers:
+        add("conv5x5 1->F (first)", 1, _conv(1), (b, s, s, 1), (5, 5, 1, f))
+        add("conv5x5 F->F", m.local_5x5_layers - 1, _conv(1), (b, s, s, f), (5, 5, f, f))
+    add("conv3x3 F->F", m.local_3x3_layers, _conv(1), (b, s, s, f), (3, 3, f, f))
+    if m.global_layers:
+        d = m.global_dilation
+        add(f"conv3x3 dil{d} 2L->F", 1, _conv(d), (b, s, s, 2 * n), (3, 3, 2 * n, f))
+        add(f"conv3x3 dil{d} F->F", m.global_layers - 1, _conv(d), (b, s, s, f), (3, 3, f, f))
+    kernel = network.model_kernel(m)
+    add("kernel_conv (blur) 2L", 1, lambda x, w: lgcn_jax.kernel_conv(x, kernel) * w, (b, s, s, 2 * n), ())
+
+    def bn_relu_dropout(x, scale):
+        mean, var = x.mean((0, 1, 2)), x.var((0, 1, 2))
+        y = jax.nn.relu((x - mean) * jax.lax.rsqrt(var + 1e-5) * scale) * 0.1
+        keep = jax.random.bernoulli(jax.random.key(1), 1 - m.dropout_rate, y.shape) if m.dropout_rate else 1.0
+        return y * keep
+    blocks = m.local_5x5_layers + m.local_3x3_layers + m.global_layers
+    add("BatchNorm+ReLU+dropout F", blocks, bn_relu_dropout, (b, s, s, f), (f,))
+    return rows
+
+
+def cost(fn, *args) -> dict:
+    try:
+        c = jax.jit(fn).lower(*args).compile().cost_analysis()
+        c = c[0] if isinstance(c, (list, tuple)) else c
+        return {"flops": float(c.get("flops", float("nan"))), "bytes_accessed": float(c.get("bytes accessed", float("nan")))}
+    except Exception as e:  # cost analysis is best effort on some backends
+        return {"error": f"{type(e).__name__}: {e}"}
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="paper")
+    p.add_argument("--config", nargs="*", default=[])
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--no_layers", action="store_true", help="skip the per-layer breakdown")
+    p.add_argument("--trace", help="also write a jax.profiler trace of 3 train steps to this folder")
+    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results_profile.json"))
+    args = p.parse_args(argv)
+    cfg = lgcn_jax.apply_overrides(lgcn_jax.get_config(args.preset), [*args.config, f"train.batch_size={args.batch}"])
+    b, s = args.batch, cfg.data.image_size
+    rng = np.random.default_rng(0)
+    images = jnp.asarray(rng.random((b, s, s, 1), np.float32))
+    landmarks = jnp.asarray(rng.uniform(0.2 * s, 0.8 * s, (b, cfg.model.num_landmarks, 2)).astype(np.float32))
+    raw = {"image": jnp.asarray((rng.random((b, s, s, 1)) * 255).astype(np.uint8)), "landmarks": landmarks,
+           "example": jnp.arange(b, dtype=jnp.int32)}
+    batch = {"image": images, "landmarks": landmarks}
+    state = train.create_train_state(cfg)
+    net = state.net
+    loss_scale = cfg.train.loss_scale
+    grad_fn = jax.jit(jax.value_and_grad(train.loss, has_aux=True), static_argnums=4)
+    fwd_train = jax.jit(lambda n, x: network.apply_train(n, x, jax.random.key(0))[1])
+    r = {"apply": median_time(lgcn_jax.apply, net, images, repeats=args.repeats),
+         "forward_train_mode": median_time(fwd_train, net, images, repeats=args.repeats),
+         "loss_and_grads": median_time(grad_fn, net.params, net, batch, jax.random.key(0), loss_scale, repeats=args.repeats)}
+
+    def steps(batch, augment):
+        nonlocal state
+        state, m = train.train_step(state, batch, loss_scale, augment)
+        return m
+    r["train_step"] = median_time(lambda: steps(batch, None), repeats=args.repeats)
+    r["train_step_device_augment"] = median_time(lambda: steps(raw, DataConfig(image_size=s)), repeats=args.repeats)
+    result = {"machine": machine(), "preset": args.preset, "overrides": args.config, "batch": b, "image_size": s,
+              "seconds": r, "images_per_s": {k: b / v for k, v in r.items()},
+              "over_apply": {k: v / r["apply"] for k, v in r.items()},
+              "xla_cost": {"apply": cost(lgcn_jax.apply, net, images),
+                           "loss_and_grads": cost(lambda p: jax.value_and_grad(train.loss, has_aux=True)(p, net, batch, jax.random.key(0), loss_scale), net.params)}}
+    print(f"{result['machine']['device']}  {args.preset}  batch {b}  {s} px")
+    for k, v in r.items():
+        print(f"  {k:<28}{1e3 * v:10.2f} ms {b / v:10.1f} img/s {v / r['apply']:7.2f}x apply")
+    if not args.no_layers:
+        rows = layer_breakdown(cfg, b)
+        result["layers"] = rows
+        print(f"  {'layer':<28}{'n':>3}{'fwd ms':>10}{'dx ms':>10}{'dw ms':>10}{'sum fwd':>10}{'sum bwd':>10}")
+        for row in rows:
+            print(f"  {row['layer']:<28}{row['count']:>3}{row['fwd_ms']:>10.2f}{row['dx_ms']:>10.2f}{row['dw_ms']:>10.2f}"
+                  f"{row['total_fwd_ms']:>10.2f}{row['total_bwd_ms']:>10.2f}")
+    if args.trace:
+        with jax.profiler.trace(args.trace):
+            for _ in range(3):
+                jax.block_until_ready(steps(batch, None))
+        result["trace"] = os.path.abspath(args.trace)
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=1)
+    return result
+
+
+if __name__ == "__main__":
+    main()

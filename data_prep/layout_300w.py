@@ -1,0 +1,53 @@
+"""The 300-W folder layout and split sizes (no TensorFlow needed: the array export path reads it too)."""
+
+from __future__ import annotations
+
+import os
+
+__all__ = ["SUBSETS", "OFFICIAL_SIZES", "OFFICIAL_FOLDER_SIZES", "missing_folders", "folder_report", "absent_split_message"]
+
+SUBSETS = {
+    "train": ("afw", "helen/trainset", "lfpw/trainset"),
+    "common": ("helen/testset", "lfpw/testset"),
+    "challenging": ("ibug",),
+    "test": ("300W/01_Indoor", "300W/02_Outdoor"),
+}
+SUBSETS["full"] = SUBSETS["common"] + SUBSETS["challenging"]
+OFFICIAL_SIZES = {"train": 3148, "common": 554, "challenging": 135, "full": 689, "test": 600}
+# Faces per folder in the official archives (the .pts files of each).
+OFFICIAL_FOLDER_SIZES = {
+    "afw": 337, "helen/trainset": 2000, "lfpw/trainset": 811, "helen/testset": 330, "lfpw/testset": 224, "ibug": 135,
+    "300W/01_Indoor": 300, "300W/02_Outdoor": 300,
+}
+
+
+def missing_folders(root: str, split: str) -> list[str]:
+    """The subset folders of ``split`` that are absent under ``root``."""
+    return [sub for sub in SUBSETS[split] if not os.path.isdir(os.path.join(root, sub))]
+
+
+def folder_report(root: str) -> list[str]:
+    """One line for each subset folder that is absent or holds fewer faces than the official archive."""
+    lines = []
+    for folder, official in OFFICIAL_FOLDER_SIZES.items():
+        path = os.path.join(root, folder)
+        needed_by = [s for s in OFFICIAL_SIZES if folder in SUBSETS[s]]
+        if not os.path.isdir(path):
+            lines.append(f"{path} is absent (0 of {official} faces): not building {', '.join(needed_by)}; "
+                         f"add the folder and rebuild to get {'it' if len(needed_by) == 1 else 'them'}")
+            continue
+        n = sum(1 for f in os.listdir(path) if f.lower().endswith(".pts"))
+        if n != official:
+            lines.append(f"{path} holds {n} of {official} faces: {', '.join(needed_by)} will be {'smaller' if n < official else 'larger'} than the official split")
+    return lines
+
+
+def absent_split_message(split: str, data_dir: str) -> str:
+    """How to add a split that a partial build left out (or that 300-W does not have)."""
+    if split not in SUBSETS:
+        return (f"300-W has no split {split!r} (its splits: {', '.join(OFFICIAL_SIZES)}; training runs validate on faces "
+                f"held out of train, see data.validation_faces)")
+    folders = ", ".join(SUBSETS[split])
+    return (f"the 300-W split {split!r} is not in the build under {data_dir}: it needs {folders} in the --manual_dir. "
+            f"Add {'that folder' if len(SUBSETS[split]) == 1 else 'those folders'} and rebuild with "
+            f"`python -m data_prep.build_300w --manual_dir PATH/TO/300W --data_dir {data_dir} --overwrite`")

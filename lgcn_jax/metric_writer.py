@@ -1,0 +1,80 @@
+"""Training metrics: every number as a JSON line, and TensorBoard event files where possible.
+
+``WORKDIR/metrics.jsonl`` holds one ``{"step": s, "time": t, name: value, ...}`` object a
+line and needs nothing to read (``read_metrics``).  TensorBoard scalars go to ``WORKDIR/tb``
+through the ``tensorboard`` package's own event writer, which needs no TensorFlow; where
+``tensorboard`` is not installed, only the JSON lines are written.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+
+__all__ = ["MetricWriter", "read_metrics", "METRICS_FILE"]
+
+METRICS_FILE = "metrics.jsonl"
+log = logging.getLogger("lgcn_jax")
+
+
+class MetricWriter:
+    """Append scalars to ``metrics.jsonl`` and (if available) TensorBoard, keyed by step.
+
+    On resume at ``start_step`` the lines of later steps, written by the interrupted run
+    for steps that will be trained again, are dropped so each step is logged once.
+    """
+
+    def __init__(self, workdir: str, start_step: int = 0):
+        os.makedirs(workdir, exist_ok=True)
+        self.path = os.path.join(workdir, METRICS_FILE)
+        if os.path.exists(self.path):
+            kept = [r for r in read_metrics(workdir) if r["step"] <= start_step]
+            tmp = self.path + ".tmp"
+            with open(tmp, "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in kept)
+            os.replace(tmp, self.path)
+        self._file = open(self.path, "a", buffering=1)
+        self._tb = None
+        try:
+            from tensorboard.summary.writer.event_file_writer import EventFileWriter
+
+            self._tb = EventFileWriter(os.path.join(workdir, "tb"))
+        except ImportError:
+            log.info("tensorboard is not installed: metrics go to %s only", self.path)
+
+    def write(self, step: int, values: dict[str, float]) -> None:
+        values = {k: float(v) for k, v in values.items()}
+        record = {"step": int(step), "time": time.time(), **{k: (v if math.isfinite(v) else str(v)) for k, v in values.items()}}
+        self._file.write(json.dumps(record) + "\n")
+        if self._tb is not None:
+            from tensorboard.compat.proto.event_pb2 import Event
+            from tensorboard.compat.proto.summary_pb2 import Summary
+
+            summary = Summary(value=[Summary.Value(tag=k, simple_value=v) for k, v in values.items()])
+            self._tb.add_event(Event(wall_time=record["time"], step=int(step), summary=summary))
+
+    def flush(self) -> None:
+        self._file.flush()
+        if self._tb is not None:
+            self._tb.flush()
+
+    def close(self) -> None:
+        self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def read_metrics(workdir: str) -> list[dict]:
+    """All records of ``WORKDIR/metrics.jsonl`` in order (a torn last line, from a killed run, is skipped)."""
+    path = os.path.join(workdir, METRICS_FILE)
+    records = []
+    with open(path) as f:
+        for line in f:
+            try:
+                records.append(json.loads(line))
+            except ValueError:
+                continue
+    return records
