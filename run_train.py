@@ -66,9 +66,14 @@ def main(argv=None) -> int:
             return 1
         print(f"{'replaced' if existed else 'wrote'} {path}")
         return 0
+    from lgcn_jax.train import TrainingInterrupted
+
     try:
         result = lgcn_jax.train_and_evaluate(config, args.workdir, progress=not args.no_progress)
-    except (lgcn_jax.CheckpointError, DatasetError) as e:
+    except TrainingInterrupted as e:
+        print(f"run_train.py: {e}", file=sys.stderr)
+        return e.exit_code
+    except (lgcn_jax.CheckpointError, DatasetError, FloatingPointError) as e:
         print(f"run_train.py: error: {e}", file=sys.stderr)
         return 1
     print(f"final validation NME {result['nme']:.4f} (AUC@0.08 {result['auc']:.4f}, failure rate {result['failure_rate']:.3f}) -> {args.workdir}")

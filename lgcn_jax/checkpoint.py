@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
+import sys
 from typing import Any
 
 import jax
@@ -28,6 +30,60 @@ __all__ = ["CheckpointError", "check_workdir_config", "write_config", "read_conf
 
 class CheckpointError(RuntimeError):
     """A checkpoint or workdir cannot be used; the message names the file and the fix."""
+
+
+log = logging.getLogger("lgcn_jax")
+_DETAILS = logging.getLogger("lgcn_jax.details")  # full tracebacks: to a workdir's log file, not the terminal
+_DETAILS.propagate = False
+LOG_FILE = "lgcn.log"
+
+
+def short_reason(e: BaseException | None) -> str:
+    """One line of an exception (TensorStore's errors run over many lines)."""
+    if e is None:
+        return "unknown error"
+    text = str(e).strip().splitlines()
+    first = text[0] if text else ""
+    return f"{type(e).__name__}: {first[:300]}"
+
+
+def log_details_to(workdir: str) -> str:
+    """Send full error details (tracebacks of failed restores and saves) to ``WORKDIR/lgcn.log``; returns its path."""
+    path = os.path.abspath(os.path.join(workdir, LOG_FILE))
+    if not any(getattr(h, "baseFilename", None) == path for h in _DETAILS.handlers):
+        os.makedirs(workdir, exist_ok=True)
+        handler = logging.FileHandler(path)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        _DETAILS.addHandler(handler)
+        _DETAILS.setLevel(logging.DEBUG)
+    if not getattr(sys.unraisablehook, "_lgcn_quiet", False):
+        sys.unraisablehook = _quiet_unraisablehook(sys.unraisablehook)
+    return path
+
+
+def _quiet_unraisablehook(original):
+    def hook(unraisable):
+        # After a failed restore, TensorStore completes its reads on a thread and calls back into the
+        # asyncio loop orbax has already closed; each callback reports this error as unraisable. It
+        # tells the user nothing: keep it in the log file, let every other report through.
+        value = unraisable.exc_value
+        if isinstance(value, RuntimeError) and str(value) == "Event loop is closed":
+            _DETAILS.debug("late TensorStore callback after a failed checkpoint operation",
+                           exc_info=(unraisable.exc_type, value, unraisable.exc_traceback))
+            return
+        original(unraisable)
+
+    hook._lgcn_quiet = True
+    return hook
+
+
+def detail_log() -> logging.Logger:
+    return _DETAILS
+
+
+def detail_log_path() -> str | None:
+    paths = [h.baseFilename for h in _DETAILS.handlers if hasattr(h, "baseFilename")]
+    return paths[-1] if paths else None
 
 
 def read_config(workdir: str) -> Config:
@@ -102,10 +158,24 @@ class Checkpoints:
         return self.last.latest_step()
 
     def save(self, step: int, state: Any) -> None:
-        self.last.save(step, args=ocp.args.StandardSave(state))
+        self._save(self.last, step, state)
 
     def save_best(self, step: int, state: Any, val_nme: float) -> None:
-        self.best.save(step, args=ocp.args.StandardSave(state), metrics={"val_nme": float(val_nme)})
+        self._save(self.best, step, state, metrics={"val_nme": float(val_nme)})
+
+    def _save(self, manager, step: int, state: Any, **kw) -> None:
+        # Orbax writes into a temporary folder and renames it when complete (its commit); older steps
+        # are deleted only after that, so a failed write leaves every earlier checkpoint as it was.
+        try:
+            manager.save(step, args=ocp.args.StandardSave(state), **kw)
+        except Exception as e:
+            where = str(manager.directory)
+            _DETAILS.debug("saving step %d to %s failed", step, where, exc_info=True)
+            raise CheckpointError(
+                f"could not write the checkpoint of step {step} to {where} ({short_reason(e)}); is the disk of "
+                f"{os.path.dirname(where)} full or read-only? The earlier checkpoints there are intact: free space and "
+                "rerun the same command to resume from the newest"
+            ) from e
 
     def restore(self, step: int, target: Any, which: str = "last") -> Any:
         manager = self.last if which == "last" else self.best
@@ -114,10 +184,51 @@ class Checkpoints:
             return manager.restore(step, args=ocp.args.StandardRestore(abstract))
         except Exception as e:  # orbax raises many types for bad files
             path = os.path.join(str(manager.directory), str(step))
+            detail_log().debug("restoring %s failed", path, exc_info=True)
             raise CheckpointError(
-                f"cannot restore the checkpoint {path}: {type(e).__name__}: {e}\n"
+                f"cannot restore the checkpoint {path}: {short_reason(e)}\n"
                 "It is corrupt or was written by a different network; delete that step folder to fall back to an earlier one, or use a fresh --workdir."
             ) from e
+
+    def restore_latest(self, target: Any) -> tuple[Any, int]:
+        """Restore the newest ``last/`` checkpoint that restores; returns (state, step), or (None, 0) if there is none.
+
+        Newer ones that fail are moved aside to ``last/corrupt-STEP`` (never deleted), with one
+        warning each, once an older one has restored.  If none restores, nothing is moved and a
+        CheckpointError names the folder and the way out.
+        """
+        failed = []
+        for step in sorted(self.last.all_steps(), reverse=True):
+            try:
+                state = self.restore(step, target)
+            except CheckpointError as e:
+                failed.append((step, e))
+                continue
+            for bad, err in failed:
+                moved = self._move_aside(bad)
+                log.warning("checkpoint %s/%d does not restore (%s); moved it to %s, resuming from step %d",
+                            self.last.directory, bad, short_reason(err.__cause__), moved, step)
+            if failed:
+                self.last.reload()
+            return state, step
+        if failed:
+            where = str(self.last.directory)
+            raise CheckpointError(
+                f"none of the {len(failed)} checkpoints in {where} restores (newest: step {failed[0][0]}: {short_reason(failed[0][1].__cause__)}); "
+                f"details in {detail_log_path() or 'the log'}. Nothing was moved. Move {where} aside to start this workdir from step 0, "
+                "or use a fresh --workdir"
+            )
+        return None, 0
+
+    def _move_aside(self, step: int) -> str:
+        src = os.path.join(str(self.last.directory), str(step))
+        dst = os.path.join(str(self.last.directory), f"corrupt-{step}")
+        k = 1
+        while os.path.exists(dst):
+            dst = os.path.join(str(self.last.directory), f"corrupt-{step}.{k}")
+            k += 1
+        os.rename(src, dst)
+        return dst
 
     def best_step(self) -> int | None:
         return self.best.best_step() if self.best.all_steps() else None
@@ -175,6 +286,7 @@ def load_params(path: str, which: str = "best"):
     if os.path.exists(os.path.join(path, PARAMS_FILE)):
         return _load_exported(path, config), config
     state = train.create_train_state(config)
+    log_details_to(path)
     ckpts = Checkpoints(path)
     try:
         step = ckpts.best_step() if which == "best" else None
@@ -182,7 +294,13 @@ def load_params(path: str, which: str = "best"):
             step, which = ckpts.latest_step(), "last"
         if step is None:
             raise CheckpointError(f"{path} has no checkpoint yet (no step folder under last/ or best/); train first")
-        state = ckpts.restore(step, state, which=which)
+        try:
+            state = ckpts.restore(step, state, which=which)
+        except CheckpointError as e:
+            folder = os.path.join(os.path.abspath(path), which, str(step))
+            other = ("load the newest instead: run_eval.py --which last (load_model(path, which='last'))" if which == "best"
+                     else f"move {folder} aside to fall back to the step before it")
+            raise CheckpointError(f"the {which} checkpoint {folder} does not restore ({short_reason(e.__cause__)}); {other}") from e.__cause__
     finally:
         ckpts.close()
     return state.net, config

@@ -74,6 +74,9 @@ class TrainConfig:
     # population statistics of this many batches of (unaugmented) training crops; 0 keeps the
     # statistics of the last training batch (the authors' CNTK behaviour).
     bn_recalibration_batches: int = 50
+    # A batch whose loss or gradient is not finite: stop the run (False; the last good checkpoint is
+    # kept) or leave the parameters unchanged for that batch and go on, counting such batches (True).
+    skip_nonfinite: bool = False
 
 
 @dataclasses.dataclass(frozen=True)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
 import os
+import signal
+import threading
 import time
 from typing import Any
 
@@ -24,7 +27,7 @@ from lgcn_jax.metric_writer import MetricWriter
 from lgcn_jax.heatmaps import argmax_subpixel
 from lgcn_jax.loss import heatmap_loss
 
-__all__ = ["TrainState", "make_optimizer", "create_train_state", "loss", "train_step", "eval_step", "predict_split", "evaluate", "build_shape_model", "training_splits", "recalibrated", "train_and_evaluate", "export_workdir"]
+__all__ = ["TrainState", "make_optimizer", "create_train_state", "loss", "train_step", "eval_step", "predict_split", "evaluate", "build_shape_model", "training_splits", "recalibrated", "train_and_evaluate", "export_workdir", "TrainingInterrupted"]
 
 log = logging.getLogger("lgcn_jax")
 
@@ -71,8 +74,9 @@ def loss(params: Any, net: network.LGCNParams, batch: dict, rng: jax.Array, loss
     return per_face.mean(), batch_stats
 
 
-@functools.partial(jax.jit, static_argnames=("loss_scale", "augment"), donate_argnums=0)
-def _train_step(state: TrainState, batch: dict, loss_scale: float, augment: DataConfig | None) -> tuple[TrainState, dict]:
+@functools.partial(jax.jit, static_argnames=("loss_scale", "augment", "skip_nonfinite"), donate_argnums=0)
+def _train_step(state: TrainState, batch: dict, loss_scale: float, augment: DataConfig | None,
+                skip_nonfinite: bool = False) -> tuple[TrainState, dict]:
     if augment is not None:  # the jax pipeline: raw u8 batches, changed here on the device
         image, landmarks = augment_lib.augment_batch(batch["image"], batch["landmarks"], batch["example"], state.seed, augment)
         batch = {**{k: v for k, v in batch.items() if k != "example"}, "image": image, "landmarks": landmarks}
@@ -83,10 +87,17 @@ def _train_step(state: TrainState, batch: dict, loss_scale: float, augment: Data
     updates, opt_state = state.tx.update(grads, state.opt_state, state.net.params)
     params = optax.apply_updates(state.net.params, updates)
     new_state = state.replace(step=state.step + 1, net=state.net.replace(params=params, batch_stats=batch_stats), opt_state=opt_state)
-    return new_state, {"loss": value, "grad_norm": optax.global_norm(grads)}
+    grad_norm = optax.global_norm(grads)
+    if not skip_nonfinite:
+        return new_state, {"loss": value, "grad_norm": grad_norm}
+    ok = jnp.isfinite(value) & jnp.isfinite(grad_norm)
+    # Keep everything but the step count: the batch is consumed, the parameters are not touched.
+    kept = jax.tree_util.tree_map(lambda new, old: jnp.where(ok, new, old), new_state.replace(step=state.step), state)
+    return kept.replace(step=state.step + 1), {"loss": value, "grad_norm": grad_norm, "skipped": (~ok).astype(jnp.int32)}
 
 
-def train_step(state: TrainState, batch: dict, loss_scale: float = 0.05, augment: DataConfig | None = None) -> tuple[TrainState, dict]:
+def train_step(state: TrainState, batch: dict, loss_scale: float = 0.05, augment: DataConfig | None = None,
+               skip_nonfinite: bool = False) -> tuple[TrainState, dict]:
     """One optimisation step (jit-compiled; ``state`` is donated).
 
     Args:
@@ -94,10 +105,12 @@ def train_step(state: TrainState, batch: dict, loss_scale: float = 0.05, augment
         with ``augment``, the raw batch of ``input_pipeline.array_batches``:
         {"image": u8[B, H, W, 1], "landmarks": f32[B, L, 2], "example": i32[B]}.
       augment: a DataConfig: augment the batch on the device first (``lgcn_jax.augment``).
+      skip_nonfinite: a batch with a non-finite loss or gradient leaves the state unchanged but
+        for the step count, and the metrics get "skipped" (1 for such a batch).
     Returns:
       the new state and {"loss", "grad_norm"} scalars.
     """
-    return _train_step(state, batch, loss_scale, augment)
+    return _train_step(state, batch, loss_scale, augment, skip_nonfinite)
 
 
 @jax.jit
@@ -151,6 +164,43 @@ def training_splits(config: Config) -> tuple[dict, dict]:
     return train_data, val_data
 
 
+class TrainingInterrupted(Exception):
+    """SIGTERM or SIGINT stopped a run after a step and a checkpoint; rerunning resumes there."""
+
+    def __init__(self, signum: int, step: int, checkpoint: str):
+        self.signum, self.step, self.checkpoint = signum, step, checkpoint
+        super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}; checkpoint {checkpoint} written, "
+                         "rerun the same command to resume from it")
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum  # 143 for SIGTERM, 130 for SIGINT, as shells report a signal
+
+
+@contextlib.contextmanager
+def _stop_on_signals():
+    """Within: SIGTERM and SIGINT only set a flag (the list holds the signal), so the step finishes and a
+    checkpoint is written; a second signal acts as it would have (the previous handler is back)."""
+    stop: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield stop  # signal handlers can only be set from the main thread
+        return
+    previous = {}
+
+    def handler(signum, frame):
+        stop.append(signum)
+        for sig, h in previous.items():
+            signal.signal(sig, h)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        previous[sig] = signal.signal(sig, handler)
+    try:
+        yield stop
+    finally:
+        for sig, h in previous.items():
+            signal.signal(sig, h)
+
+
 def recalibrated(net: network.LGCNParams, train_data: dict, config: Config) -> network.LGCNParams:
     """``net`` with BatchNorm statistics over ``train.bn_recalibration_batches`` batches of training crops
     (a fixed random choice of faces, unaugmented: the inputs inference sees); unchanged when that is 0."""
@@ -178,10 +228,11 @@ def train_and_evaluate(config: Config, workdir: str, progress: bool = True) -> d
     pipeline = input_pipeline.resolve_pipeline(config.data)
     train_data, val_data = training_splits(config)
     state = create_train_state(config)
+    ckpt_lib.log_details_to(workdir)
     ckpts = ckpt_lib.Checkpoints(workdir, keep=t.keep_checkpoints)
-    start = ckpts.latest_step() or 0
-    if start:
-        state = ckpts.restore(start, state)
+    restored, start = ckpts.restore_latest(state)
+    if restored is not None:
+        state = restored
         log.info("resumed from %s/last/%d", workdir, start)
     elif stored is None:
         log.info("fresh run in %s (%s input pipeline)", workdir, pipeline)
@@ -210,28 +261,46 @@ def train_and_evaluate(config: Config, workdir: str, progress: bool = True) -> d
     bar = tqdm(total=t.num_steps, initial=start, disable=not progress, unit="step", dynamic_ncols=True)
     step = start
     window_start, window_steps = time.perf_counter(), 0
+    skipped = jnp.zeros((), jnp.int32)  # on the device: counting costs no synchronisation
+    saved = start
+
+    def check_finite(loss_value: float) -> None:
+        if not np.isfinite(loss_value) and not t.skip_nonfinite:
+            raise FloatingPointError(
+                f"loss became {loss_value} at step {step}; the newest checkpoint is {workdir}/last/{saved}. Lower "
+                "train.learning_rate, enable train.grad_clip, or set train.skip_nonfinite=true to skip such batches")
+
     try:
-        while step < t.num_steps:
-            batch = next(batches)
-            state, m = train_step(state, batch, t.loss_scale, augment)
-            step += 1
-            window_steps += 1
-            bar.update(1)
-            if step % t.log_every == 0 or step == t.num_steps:
-                loss_value = float(m["loss"])
-                if not np.isfinite(loss_value):
-                    raise FloatingPointError(f"loss became {loss_value} at step {step}; lower train.learning_rate or enable train.grad_clip")
-                rate = window_steps * t.batch_size / (time.perf_counter() - window_start)
-                window_start, window_steps = time.perf_counter(), 0
-                bar.set_postfix(loss=f"{loss_value:.4f}", img_s=f"{rate:.1f}")
-                writer.write(step, {"train/loss": loss_value, "train/grad_norm": float(m["grad_norm"]), "train/images_per_s": rate,
-                                    "train/lr": float(learning_rate_schedule(t)(step))})
-            if step % t.checkpoint_every == 0 or step == t.num_steps:
-                ckpts.save(step, state)
-            if step % t.eval_every == 0 or step == t.num_steps:
-                result, net = validate(step)
-                ckpts.save_best(step, state.replace(net=net), result["nme"])
-                bar.write(f"step {step}: validation NME {result['nme']:.4f}  AUC@0.08 {result['auc']:.4f}  failures {result['failure_rate']:.3f}")
+        with _stop_on_signals() as stop:
+            while step < t.num_steps:
+                batch = next(batches)
+                state, m = train_step(state, batch, t.loss_scale, augment, t.skip_nonfinite)
+                step += 1
+                window_steps += 1
+                if t.skip_nonfinite:
+                    skipped = skipped + m["skipped"]
+                bar.update(1)
+                if step % t.log_every == 0 or step == t.num_steps:
+                    loss_value = float(m["loss"])
+                    check_finite(loss_value)
+                    rate = window_steps * t.batch_size / (time.perf_counter() - window_start)
+                    window_start, window_steps = time.perf_counter(), 0
+                    bar.set_postfix(loss=f"{loss_value:.4f}", img_s=f"{rate:.1f}")
+                    values = {"train/loss": loss_value, "train/grad_norm": float(m["grad_norm"]), "train/images_per_s": rate,
+                              "train/lr": float(learning_rate_schedule(t)(step))}
+                    if t.skip_nonfinite:
+                        values["train/skipped_batches"] = int(skipped)
+                    writer.write(step, values)
+                if step % t.checkpoint_every == 0 or step == t.num_steps or stop:
+                    check_finite(float(m["loss"]))  # never a checkpoint of diverged parameters
+                    ckpts.save(step, state)
+                    saved = step
+                if stop:
+                    raise TrainingInterrupted(stop[0], step, os.path.join(workdir, "last", str(step)))
+                if step % t.eval_every == 0 or step == t.num_steps:
+                    result, net = validate(step)
+                    ckpts.save_best(step, state.replace(net=net), result["nme"])
+                    bar.write(f"step {step}: validation NME {result['nme']:.4f}  AUC@0.08 {result['auc']:.4f}  failures {result['failure_rate']:.3f}")
         if not result:
             result, _ = validate(step)
     finally:
