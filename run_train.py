@@ -16,6 +16,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dataset", choices=["synthetic", "300w"], help="shortcut for data.dataset")
     p.add_argument("--data_dir", help="shortcut for data.data_dir: a TFDS data directory, or an array export (data_prep.export_arrays)")
     p.add_argument("--no_progress", action="store_true", help="no progress bar (for logs)")
+    p.add_argument("--distributed", action="store_true",
+                   help="one of several processes (hosts): call jax.distributed.initialize() first (see README: several hosts)")
     p.add_argument("--export", metavar="DIR",
                    help="only write the workdir's best checkpoint to DIR as a self-contained folder (for load_model, checkpoints/)")
     p.add_argument("--recalibrate", type=int, default=0, metavar="N",
@@ -31,6 +33,10 @@ def main(argv=None) -> int:
     logging.getLogger("lgcn_jax").setLevel(logging.INFO)
     logging.getLogger("absl").setLevel(logging.WARNING)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if args.distributed:
+        import jax
+
+        jax.distributed.initialize()  # coordinator, process count and id from the environment (or the cluster)
     import lgcn_jax
     from lgcn_jax.input_pipeline import DatasetError
 
@@ -73,7 +79,7 @@ def main(argv=None) -> int:
     except TrainingInterrupted as e:
         print(f"run_train.py: {e}", file=sys.stderr)
         return e.exit_code
-    except (lgcn_jax.CheckpointError, DatasetError, FloatingPointError) as e:
+    except (lgcn_jax.CheckpointError, DatasetError, FloatingPointError, ValueError) as e:
         print(f"run_train.py: error: {e}", file=sys.stderr)
         return 1
     print(f"final validation NME {result['nme']:.4f} (AUC@0.08 {result['auc']:.4f}, failure rate {result['failure_rate']:.3f}) -> {args.workdir}")

@@ -377,8 +377,13 @@ def eval_batches(data: dict[str, np.ndarray], batch_size: int) -> Iterator[dict[
         yield {"image": image, "landmarks": lm, "valid": valid}
 
 
-def prefetch_to_device(iterator, size: int = 2):
-    """Keep ``size`` batches on the device ahead of the consumer, so the step never waits on a copy."""
+def prefetch_to_device(iterator, size: int = 2, put=None):
+    """Keep ``size`` batches on the device ahead of the consumer, so the step never waits on a copy.
+
+    ``put`` places one batch (default ``jax.device_put`` of each array; training passes
+    ``sharding.shard_batch`` to split it over the devices).
+    """
+    put = put or (lambda batch: jax.tree_util.tree_map(jax.device_put, batch))
     queue = collections.deque()
 
     def enqueue(n):
@@ -387,7 +392,7 @@ def prefetch_to_device(iterator, size: int = 2):
                 batch = next(iterator)
             except StopIteration:
                 return
-            queue.append(jax.tree_util.tree_map(jax.device_put, batch))
+            queue.append(put(batch))
 
     enqueue(size)
     while queue:

@@ -45,7 +45,16 @@ class MetricWriter:
         except ImportError:
             log.info("tensorboard is not installed: metrics go to %s only", self.path)
 
+    @classmethod
+    def disabled(cls) -> "MetricWriter":
+        """A writer that writes nothing (the processes other than the first of a multi-host run)."""
+        w = cls.__new__(cls)
+        w.path, w._file, w._tb = None, None, None
+        return w
+
     def write(self, step: int, values: dict[str, float]) -> None:
+        if self._file is None:
+            return
         values = {k: float(v) for k, v in values.items()}
         record = {"step": int(step), "time": time.time(), **{k: (v if math.isfinite(v) else str(v)) for k, v in values.items()}}
         self._file.write(json.dumps(record) + "\n")
@@ -57,12 +66,14 @@ class MetricWriter:
             self._tb.add_event(Event(wall_time=record["time"], step=int(step), summary=summary))
 
     def flush(self) -> None:
-        self._file.flush()
+        if self._file is not None:
+            self._file.flush()
         if self._tb is not None:
             self._tb.flush()
 
     def close(self) -> None:
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
         if self._tb is not None:
             self._tb.close()
 

@@ -9,7 +9,7 @@ from typing import NamedTuple, Union
 
 import jax
 
-from lgcn_jax import network
+from lgcn_jax import network, sharding
 from lgcn_jax.config import Config, PostprocessConfig
 from lgcn_jax.postprocess import _postprocess_one, check_heatmaps
 from lgcn_jax.shape_model import ShapeModel, ShapeModelError, empty_shape_model, load_shape_model, save_shape_model
@@ -47,8 +47,16 @@ def predict_with_confidence(model: Union[Model, network.LGCNParams], images, sha
     size = images.shape[1]
     if shape_model is not None:
         check_heatmaps((1, size, images.shape[2], params.config.num_landmarks), shape_model)
-        return _predict(params, images, shape_model, config)
-    return _predict(params, images, empty_shape_model(params.config.num_landmarks, size), config)
+    else:
+        shape_model = empty_shape_model(params.config.num_landmarks, size)
+    mesh = sharding.data_mesh(jax.local_devices())
+    if mesh.devices.size > 1 and images.shape[0] >= mesh.devices.size:
+        # Split the batch over the local devices; parameters and shape model go to each of them.
+        images, n = sharding.shard_leading(images, mesh)
+        params, shape_model = sharding.replicate((params, shape_model), mesh)
+        landmarks, confidence = _predict(params, images, shape_model, config)
+        return landmarks[:n], confidence[:n]
+    return _predict(params, images, shape_model, config)
 
 
 def predict(model: Union[Model, network.LGCNParams], images, shape_model: ShapeModel | None = None,

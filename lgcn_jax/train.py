@@ -20,7 +20,7 @@ from flax import struct
 
 from lgcn_jax import augment as augment_lib
 from lgcn_jax import checkpoint as ckpt_lib
-from lgcn_jax import input_pipeline, metrics, network
+from lgcn_jax import input_pipeline, metrics, network, sharding
 from lgcn_jax import shape_model as shape_model_lib
 from lgcn_jax.config import Config, DataConfig, TrainConfig
 from lgcn_jax.metric_writer import MetricWriter
@@ -225,6 +225,9 @@ def train_and_evaluate(config: Config, workdir: str, progress: bool = True) -> d
 
     stored = ckpt_lib.check_workdir_config(workdir, config)
     t = config.train
+    mesh = sharding.data_mesh()
+    rows = sharding.local_rows(t.batch_size, mesh)  # this process's rows of each global batch
+    primary = jax.process_index() == 0  # one process writes the shared files; orbax coordinates checkpoints
     pipeline = input_pipeline.resolve_pipeline(config.data)
     train_data, val_data = training_splits(config)
     state = create_train_state(config)
@@ -235,11 +238,13 @@ def train_and_evaluate(config: Config, workdir: str, progress: bool = True) -> d
         state = restored
         log.info("resumed from %s/last/%d", workdir, start)
     elif stored is None:
-        log.info("fresh run in %s (%s input pipeline)", workdir, pipeline)
-    ckpt_lib.write_config(workdir, config)
-    if not os.path.exists(os.path.join(workdir, shape_model_lib.FILENAME)):
-        build_shape_model(config, workdir, train_data)
-    writer = MetricWriter(workdir, start)
+        log.info("fresh run in %s (%s input pipeline, %d device(s))", workdir, pipeline, mesh.devices.size)
+    state = sharding.replicate(state, mesh)
+    if primary:
+        ckpt_lib.write_config(workdir, config)
+        if not os.path.exists(os.path.join(workdir, shape_model_lib.FILENAME)):
+            build_shape_model(config, workdir, train_data)
+    writer = MetricWriter(workdir, start) if primary else MetricWriter.disabled()
     result: dict = {}
 
     def validate(step: int) -> tuple[dict, network.LGCNParams]:
@@ -257,8 +262,8 @@ def train_and_evaluate(config: Config, workdir: str, progress: bool = True) -> d
     else:
         stream = input_pipeline.array_batches(train_data, t.batch_size, t.seed, start_step=start)
         augment = config.data
-    batches = input_pipeline.prefetch_to_device(stream)
-    bar = tqdm(total=t.num_steps, initial=start, disable=not progress, unit="step", dynamic_ncols=True)
+    batches = input_pipeline.prefetch_to_device(stream, put=lambda b: sharding.shard_batch({k: v[rows] for k, v in b.items()}, mesh))
+    bar = tqdm(total=t.num_steps, initial=start, disable=not (progress and primary), unit="step", dynamic_ncols=True)
     step = start
     window_start, window_steps = time.perf_counter(), 0
     skipped = jnp.zeros((), jnp.int32)  # on the device: counting costs no synchronisation

@@ -1,0 +1,78 @@
+"""Data parallelism with JAX's own sharding: one mesh axis over every device of every process.
+
+The training step stays the same pure, jit-compiled function: its inputs carry shardings
+(parameters and optimizer state replicated, the batch split along its first axis) and XLA
+partitions the computation, inserting the all-reduces itself.  So the loss mean and the
+BatchNorm statistics are those of the *global* batch, exactly as on one device.
+
+Several processes (hosts): call ``jax.distributed.initialize()`` first (``run_train.py
+--distributed``); every process then feeds only its own rows of each global batch
+(``shard_batch`` builds the global array with ``jax.make_array_from_process_local_data``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+__all__ = ["data_mesh", "batch_sharding", "replicated", "replicate", "local_rows", "check_batch_size", "shard_batch", "shard_leading"]
+
+AXIS = "data"
+
+
+def data_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A 1D mesh named "data" over ``devices`` (default: every device of every process)."""
+    return Mesh(np.asarray(jax.devices() if devices is None else devices), (AXIS,))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec(AXIS))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def replicate(tree: Any, mesh: Mesh) -> Any:
+    """Every array leaf of ``tree`` as a copy on each device of ``mesh``."""
+    return jax.device_put(tree, replicated(mesh))
+
+
+def check_batch_size(global_batch: int, mesh: Mesh) -> int:
+    """The per-device batch; a clear error when the global batch does not divide over the devices."""
+    n = mesh.devices.size
+    if global_batch % n:
+        raise ValueError(f"train.batch_size={global_batch} does not divide over the {n} devices of this run; "
+                         f"use a multiple of {n} (e.g. {((global_batch + n - 1) // n) * n})")
+    return global_batch // n
+
+
+def local_rows(global_batch: int, mesh: Mesh) -> slice:
+    """The rows of a global batch that this process feeds (its devices' shards, in mesh order)."""
+    per_device = check_batch_size(global_batch, mesh)
+    mine = [i for i, d in enumerate(mesh.devices.flat) if d.process_index == jax.process_index()]
+    if mine != list(range(mine[0], mine[-1] + 1)):
+        raise ValueError("this process's devices are not contiguous in the mesh; build it from jax.devices() order")
+    return slice(mine[0] * per_device, (mine[-1] + 1) * per_device)
+
+
+def shard_batch(local: dict, mesh: Mesh) -> dict:
+    """Process-local rows (``local_rows`` of the global batch) -> global arrays split along the batch axis."""
+    sharding = batch_sharding(mesh)
+    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local.items()}
+
+
+def shard_leading(x: jax.Array | np.ndarray, mesh: Mesh | None = None) -> tuple[jax.Array, int]:
+    """Split an inference batch over the local devices: pad its first axis to a multiple of the device
+    count (repeating the last row) and shard it.  Returns (array, number of real rows)."""
+    mesh = data_mesh(jax.local_devices()) if mesh is None else mesh
+    n, b = mesh.devices.size, x.shape[0]
+    if n == 1:
+        return x, b
+    pad = (-b) % n
+    if pad:
+        x = np.concatenate([np.asarray(x), np.repeat(np.asarray(x)[-1:], pad, 0)])
+    return jax.device_put(x, batch_sharding(mesh)), b

@@ -1,0 +1,98 @@
+"""Data parallelism on 2 CPU devices (XLA_FLAGS=--xla_force_host_platform_device_count=2, in subprocesses so
+the rest of the suite keeps one device): the same step, checkpoints across device counts, predict."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+SETUP = """
+import dataclasses, json, sys
+import jax, jax.numpy as jnp, numpy as np
+import lgcn_jax
+from lgcn_jax import sharding, train
+from data_prep.synthetic_faces import make_split
+from tests.conftest import tiny_config
+cfg = tiny_config(optimizer="momentum", learning_rate=0.01)
+cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, dropout_rate=0.0))
+images, lms = make_split("train", 8, image_size=32)
+batch = {"image": images[..., None].astype(np.float32) / 255.0, "landmarks": lms}
+"""
+
+
+def _run(code, devices, timeout=600):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
+    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={devices}").strip()
+    r = subprocess.run([sys.executable, "-c", SETUP + textwrap.dedent(code)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def test_two_device_step_equals_one_device_step():
+    out = _run("""
+        assert jax.device_count() == 2
+        def steps(devices):
+            mesh = sharding.data_mesh(devices)
+            state = sharding.replicate(train.create_train_state(cfg), mesh)
+            losses = []
+            for _ in range(3):
+                state, m = train.train_step(state, sharding.shard_batch(batch, mesh))
+                losses.append(float(m["loss"]))
+            return state, losses
+        s1, l1 = steps(jax.devices()[:1])
+        s2, l2 = steps(jax.devices())
+        assert len(s2.net.params["head_main"]["kernel"].sharding.device_set) == 2
+        # Relative to each leaf's own scale; a BatchNorm mean (a near-cancelling sum) relative to the spread
+        # of its activations, sqrt(var). Skipped: the biases of convolutions that feed a BatchNorm, which
+        # the BN cancels: their gradients are pure round-off (~1e-7) on either device count.
+        std = {k: float(np.sqrt(np.max(np.asarray(v["var"])))) for k, v in s1.net.batch_stats.items()}
+        a_leaves = jax.tree_util.tree_leaves_with_path((s1.net.params, s1.net.batch_stats))
+        b_leaves = jax.tree_util.tree_leaves((s2.net.params, s2.net.batch_stats))
+        rel = 0.0
+        for (path, a), b in zip(a_leaves, b_leaves):
+            name = jax.tree_util.keystr(path)
+            if "bias" in name and "_conv" in name:
+                continue
+            scale = float(np.max(np.abs(np.asarray(a))))
+            if name.endswith("['mean']"):
+                scale += std[path[1].key]
+            rel = max(rel, float(np.max(np.abs(np.asarray(a) - np.asarray(b)))) / scale)
+        print(json.dumps({"l1": l1, "l2": l2, "rel": rel}))
+    """, devices=2)
+    assert out["l1"] == pytest.approx(out["l2"], rel=1e-5) and out["rel"] < 1e-5, out
+
+
+def test_batch_that_does_not_divide_is_refused():
+    out = _run("""
+        try:
+            sharding.check_batch_size(5, sharding.data_mesh())
+        except ValueError as e:
+            print(json.dumps({"error": str(e)}))
+    """, devices=2)
+    assert "train.batch_size=5 does not divide over the 2 devices" in out["error"] and "e.g. 6" in out["error"]
+
+
+def test_checkpoint_of_two_devices_restores_on_one_and_predict_agrees(tmp_path, synthetic_data_dir):
+    wd = str(tmp_path / "wd")
+    two = _run(f"""
+        cfg = lgcn_jax.apply_overrides(tiny_config(num_steps=4, eval_every=4, checkpoint_every=2, bn_recalibration_batches=2),
+                                       ["data.data_dir={synthetic_data_dir}"])
+        lgcn_jax.train_and_evaluate(cfg, {wd!r}, progress=False)
+        model = lgcn_jax.load_model({wd!r}, which="last")
+        pred = lgcn_jax.predict(model, batch["image"][:7])  # 7 faces: padded to 8, split over 2 devices
+        print(json.dumps({{"pred": np.asarray(pred).tolist(), "devices": jax.device_count()}}))
+    """, devices=2)
+    one = _run(f"""
+        model = lgcn_jax.load_model({wd!r}, which="last")
+        pred = lgcn_jax.predict(model, batch["image"][:7])
+        print(json.dumps({{"pred": np.asarray(pred).tolist(), "devices": jax.device_count()}}))
+    """, devices=1)
+    import numpy as np
+
+    assert two["devices"] == 2 and one["devices"] == 1
+    assert np.abs(np.array(two["pred"]) - np.array(one["pred"])).max() < 1e-3
