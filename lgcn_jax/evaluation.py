@@ -74,6 +74,21 @@ def write_report(report: dict, path: str) -> str:
     return path
 
 
+def _save_figure(fig, ax, path: str, title: str) -> str:
+    """Title, lay out and write a figure as PNG (atomically: an interrupted run keeps the previous file)."""
+    import matplotlib.pyplot as plt
+
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
 def plot_ced(curves: dict[str, np.ndarray], path: str, title: str = "", threshold: float = THRESHOLD) -> str:
     """Save cumulative error distribution curves (label -> per-image errors) as a PNG."""
     import matplotlib
@@ -92,15 +107,7 @@ def plot_ced(curves: dict[str, np.ndarray], path: str, title: str = "", threshol
     ax.set_ylabel("fraction of faces")
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
-    if title:
-        ax.set_title(title)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return _save_figure(fig, ax, path, title)
 
 
 def plot_training(workdir: str, path: str, title: str = "") -> str:
@@ -127,15 +134,7 @@ def plot_training(workdir: str, path: str, title: str = "") -> str:
     ax2.set_ylabel("validation NME, inter-ocular", color="tab:red")
     ax2.set_ylim(0, max([v for _, v in val[1:]] or [0.2]) * 1.1)
     ax.grid(alpha=0.3)
-    if title:
-        ax.set_title(title)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return _save_figure(fig, ax, path, title)
 
 
 def format_table(reports: dict[str, dict], threshold: float = THRESHOLD) -> str:
