@@ -195,7 +195,7 @@ def detect(image, params=None, *, detector: Callable[[np.ndarray], list[Detectio
 
     Args:
       params: a ``Model`` (``lgcn_jax.load_model(path)``); None loads the released weights
-        (``load_pretrained``: trained on synthetic faces, see its docstring).
+        (``load_pretrained``: trained on 300-W, see its docstring).
       detector: gray u8[H, W] -> list of ``Detection``; default ``HaarDetector()``.
       refine: passes re-cut from the previous landmarks (0: trust the detector's box).
     Returns:
