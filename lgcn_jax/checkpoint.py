@@ -77,10 +77,6 @@ def _quiet_unraisablehook(original):
     return hook
 
 
-def detail_log() -> logging.Logger:
-    return _DETAILS
-
-
 def detail_log_path() -> str | None:
     paths = [h.baseFilename for h in _DETAILS.handlers if hasattr(h, "baseFilename")]
     return paths[-1] if paths else None
@@ -184,7 +180,7 @@ class Checkpoints:
             return manager.restore(step, args=ocp.args.StandardRestore(abstract))
         except Exception as e:  # orbax raises many types for bad files
             path = os.path.join(str(manager.directory), str(step))
-            detail_log().debug("restoring %s failed", path, exc_info=True)
+            _DETAILS.debug("restoring %s failed", path, exc_info=True)
             raise CheckpointError(
                 f"cannot restore the checkpoint {path}: {short_reason(e)}\n"
                 "It is corrupt or was written by a different network; delete that step folder to fall back to an earlier one, or use a fresh --workdir."
