@@ -72,6 +72,11 @@ def _data_dir(config: DataConfig) -> str:
     return os.path.expanduser(config.data_dir or os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets"))
 
 
+def _is_export(data_dir: str) -> bool:
+    """Whether ``data_dir`` is an array export (``data_prep.export_arrays``) rather than a TFDS data dir."""
+    return os.path.exists(os.path.join(data_dir, ARRAYS_META))
+
+
 _SPLIT_ALIASES = {"synthetic": {"val": "validation"}, "300w": {}}
 
 
@@ -83,7 +88,7 @@ def load_split(config: DataConfig, split: str) -> dict[str, np.ndarray]:
     """
     data_dir = _data_dir(config)
     split = _SPLIT_ALIASES.get(config.dataset, {}).get(split, split)
-    if os.path.exists(os.path.join(data_dir, ARRAYS_META)):
+    if _is_export(data_dir):
         out = _load_exported(data_dir, config, split)
     else:
         out = _load_tfds(data_dir, config, split)
@@ -99,7 +104,7 @@ def _absent_split(split: str, config: DataConfig, data_dir: str, available) -> D
     if config.dataset == "300w":
         from data_prep.layout_300w import absent_split_message
 
-        exported = os.path.exists(os.path.join(data_dir, ARRAYS_META))
+        exported = _is_export(data_dir)
         return DatasetError(absent_split_message(split, data_dir) + f" (this {'export' if exported else 'build'} has: {', '.join(sorted(available))})"
                             + ("; then export it again with `python -m data_prep.export_arrays`" if exported else ""))
     return DatasetError(f"split {split!r} does not exist in {config.dataset} under {data_dir}; available: {sorted(available)}")
@@ -153,7 +158,7 @@ def _load_tfds(data_dir: str, config: DataConfig, split: str) -> dict[str, np.nd
 def available_splits(config: DataConfig) -> list[str]:
     """The splits that ``config.data_dir`` holds for ``config.dataset``."""
     data_dir = _data_dir(config)
-    if os.path.exists(os.path.join(data_dir, ARRAYS_META)):
+    if _is_export(data_dir):
         return sorted(_read_meta(data_dir, config)["splits"])
     return sorted(_tfds_builder(data_dir, config).info.splits)
 
