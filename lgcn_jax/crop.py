@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-__all__ = ["CROP_MARGIN", "crop_ratio", "similarity", "apply_affine", "invert_affine", "warp", "landmark_box", "square_box", "crop", "to_crop", "to_original"]
+__all__ = ["CROP_MARGIN", "crop_ratio", "similarity", "apply_affine", "invert_affine", "warp", "landmark_box", "square_box", "crop", "to_crop", "to_original", "from_landmarks"]
 
 CROP_MARGIN = 0.2
 
@@ -96,12 +96,28 @@ def invert_affine(matrix: np.ndarray) -> np.ndarray:
 def warp(gray: np.ndarray, matrix: np.ndarray, size: int) -> np.ndarray:
     """u8[size, size] crop whose pixel u shows image point matrix @ (u, 1); outside is black.
 
-    Large reductions are box-filtered by an integer factor first, as in ``crop``.
+    Large reductions are box-filtered by an integer factor first, as in ``crop``.  Only the
+    part of the image under the crop is read, so a crop of a huge photo costs what its face does.
     """
-    im = Image.fromarray(np.asarray(gray, np.uint8))
+    gray = np.asarray(gray, np.uint8)
     m = np.asarray(matrix, np.float64).copy()
     scale = float(np.sqrt(abs(np.linalg.det(m[:, :2]))))
     factor = int(scale // 1.5)
+    # The region under the crop, widened by the filter's reach and aligned to the reduction grid
+    # (so the reduced pixels are those of the whole image): the result is the same.
+    corners = apply_affine(m, np.array([[-1.0, -1.0], [size, -1.0], [-1.0, size], [size, size]], np.float64))
+    f = max(factor, 1)
+    x0 = max(0, int(np.floor(corners[:, 0].min())) - 2 * f) // f * f
+    y0 = max(0, int(np.floor(corners[:, 1].min())) - 2 * f) // f * f
+    x1 = min(gray.shape[1], int(np.ceil(corners[:, 0].max())) + 2 * f)
+    y1 = min(gray.shape[0], int(np.ceil(corners[:, 1].max())) + 2 * f)
+    if x1 <= x0 or y1 <= y0:
+        return np.zeros((size, size), np.uint8)
+    if factor >= 2:  # whole reduction cells only, as Image.reduce of the whole image would have them
+        x1 = x0 + max((x1 - x0) // f, 1) * f if x1 < gray.shape[1] else x1
+        y1 = y0 + max((y1 - y0) // f, 1) * f if y1 < gray.shape[0] else y1
+    im = Image.fromarray(gray[y0:y1, x0:x1])
+    m[:, 2] -= (x0, y0)
     # Edge coordinates for PIL: x_edge = x + 0.5 on both sides.
     m_edge = m.copy()
     m_edge[:, 2] = m[:, 2] + 0.5 - 0.5 * (m[:, 0] + m[:, 1])
@@ -111,3 +127,22 @@ def warp(gray: np.ndarray, matrix: np.ndarray, size: int) -> np.ndarray:
     coeffs = (m_edge[0, 0], m_edge[0, 1], m_edge[0, 2], m_edge[1, 0], m_edge[1, 1], m_edge[1, 2])
     out = im.transform((size, size), Image.Transform.AFFINE, coeffs, resample=Image.Resampling.BILINEAR, fillcolor=0)
     return np.asarray(out, np.uint8)
+
+
+RIGHT_EYE, LEFT_EYE = slice(36, 42), slice(42, 48)  # iBUG 0-based: the subject's right eye is on the image's left
+
+
+def from_landmarks(points: np.ndarray, ratio: float, size: int) -> np.ndarray:
+    """f64[2, 3] crop map (``similarity``) framing a face as in training, from its 68 landmarks f[68, 2].
+
+    Centred on the centre of the landmarks' box in the face's own upright axes, rolled
+    upright by the eye line, with side ``ratio`` x the longer side of that box.
+    """
+    p = np.asarray(points, np.float64)
+    d = p[LEFT_EYE].mean(0) - p[RIGHT_EYE].mean(0)
+    angle = float(np.arctan2(d[1], d[0]))
+    c, s = np.cos(angle), np.sin(angle)
+    upright = p @ np.array([[c, -s], [s, c]])  # rotated by -angle
+    lo, hi = upright.min(0), upright.max(0)
+    center = np.array([[c, -s], [s, c]]) @ ((lo + hi) / 2.0)  # back to image axes
+    return similarity(center, max(float((hi - lo).max()), 1.0) * ratio, angle, size)

@@ -4,9 +4,9 @@
     python -m lgcn_jax.detect photo1.jpg photo2.png --out results/
 
 Pipeline: grayscale (any mode, EXIF orientation applied, so coordinates are those
-of the image as viewers show it) -> face boxes from OpenCV's Haar cascade (it
-ships inside the opencv-python-headless wheel; nothing is downloaded), searched at
-several in-plane angles -> one square crop per face, framed like the training crops of the model's dataset
+of the image as viewers show it) -> face boxes and rolls from a face detector
+(``lgcn_jax.detectors``; default YuNet, whose weights ship in the package; nothing is
+downloaded), run on a copy of at most 1280 pixels -> one square crop per face, cut from the full image, framed like the training crops of the model's dataset
 (``crop.crop_ratio``) -> ``predict`` on all crops of all images as one batch -> a second pass on crops
 re-cut from the first landmarks (centred on their bounding box, rolled upright by
 the eye line, side ``crop_ratio`` x its extent: the training framing) -> landmarks
@@ -16,30 +16,16 @@ mapped back through each crop's affine map.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import os
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 
 from lgcn_jax import crop as crop_lib
+from lgcn_jax.detectors import Detection, FaceDetector, HaarDetector, YuNetDetector, get_detector
 from lgcn_jax.image_io import load_gray, open_image
-from lgcn_jax.shape_model import rotate
 
-__all__ = ["Face", "Detection", "HaarDetector", "detect", "detect_batch", "draw", "main"]
-
-RIGHT_EYE, LEFT_EYE = slice(36, 42), slice(42, 48)  # iBUG 0-based: the subject's right eye is on the image's left
-
-
-@dataclasses.dataclass(frozen=True)
-class Detection:
-    """A face candidate: the centre and the longer side (``size``, pixels) of the box its 68
-    landmarks would span, and its roll ``angle`` in radians (eye line against the x axis)."""
-
-    center: np.ndarray
-    size: float
-    angle: float = 0.0
-    score: float = 1.0
+__all__ = ["Face", "Detection", "HaarDetector", "YuNetDetector", "detect", "detect_batch", "landmarks", "draw", "main"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,7 +34,8 @@ class Face:
     image pixels; ``landmarks`` f32[68, 2] (x, y), 0-indexed pixel centres; ``confidence``
     f32[68] the heatmap value at each point (about 1 when sure, near 0 when the point was
     placed by the shape model); ``angle`` the face's roll in radians; ``score`` the face
-    detector's score; ``crop`` f64[2, 3] the affine map from crop pixels to image pixels.
+    detector's score; ``crop`` f64[2, 3] the affine map from crop pixels to image pixels;
+    ``track_id`` the face's identity across the frames of ``track`` (None from ``detect``).
     """
 
     box: np.ndarray
@@ -57,84 +44,15 @@ class Face:
     angle: float
     score: float
     crop: np.ndarray
+    track_id: int | None = None
 
     def to_dict(self) -> dict:
-        return {"box": [round(float(v), 2) for v in self.box], "landmarks": np.round(self.landmarks, 2).tolist(),
-                "confidence": np.round(self.confidence, 3).tolist(), "angle_deg": round(float(np.degrees(self.angle)), 2),
-                "score": float(self.score)}
-
-
-class HaarDetector:
-    """OpenCV's frontal-face Haar cascade (``haarcascade_frontalface_alt2``), run on the image
-    rotated by each of ``angles`` degrees so that rolled faces are found too; overlapping
-    finds are merged, keeping the strongest.
-
-    The cascade box covers roughly brows to chin; ``face_scale`` and ``face_shift`` (in box
-    sides, downwards) turn it into an estimate of the landmarks' box [our estimate]; the
-    second pass of ``detect`` re-cuts the crop from the landmarks, so these need only be close.
-    """
-
-    def __init__(self, angles: Sequence[float] = (0.0, -30.0, 30.0), min_size: int = 24, scale_factor: float = 1.1,
-                 min_neighbors: int = 4, face_scale: float = 1.0, face_shift: float = 0.08, cascade: str = "haarcascade_frontalface_alt2.xml"):
-        try:
-            import cv2
-        except ImportError as e:  # pragma: no cover - a dependency
-            raise ImportError("face detection needs opencv-python-headless (pip install 'opencv-python-headless<5')") from e
-        path = os.path.join(cv2.data.haarcascades, cascade)
-        self._cv2 = cv2
-        self._cascade = cv2.CascadeClassifier(path)
-        if self._cascade.empty():
-            raise RuntimeError(f"OpenCV could not load its bundled cascade {path}")
-        self.angles, self.min_size, self.scale_factor, self.min_neighbors = tuple(angles), min_size, scale_factor, min_neighbors
-        self.face_scale, self.face_shift = face_scale, face_shift
-
-    def __call__(self, gray: np.ndarray) -> list[Detection]:
-        cv2 = self._cv2
-        h, w = gray.shape
-        eq = cv2.equalizeHist(gray)
-        found = []
-        for deg in self.angles:
-            # Rotate about the centre onto a canvas that holds the whole image.
-            m = cv2.getRotationMatrix2D((w / 2 - 0.5, h / 2 - 0.5), deg, 1.0)
-            cos, sin = abs(m[0, 0]), abs(m[0, 1])
-            cw, ch = int(np.ceil(h * sin + w * cos)), int(np.ceil(h * cos + w * sin))
-            m[0, 2] += cw / 2 - w / 2
-            m[1, 2] += ch / 2 - h / 2
-            img = eq if deg == 0 else cv2.warpAffine(eq, m, (cw, ch), flags=cv2.INTER_LINEAR, borderValue=0)
-            boxes, _, weights = self._cascade.detectMultiScale3(img, scaleFactor=self.scale_factor, minNeighbors=self.min_neighbors,
-                                                                minSize=(self.min_size, self.min_size), outputRejectLevels=True)
-            back = crop_lib.invert_affine(np.vstack([m, [0, 0, 1]])[:2]) if deg != 0 else np.array([[1.0, 0, 0], [0, 1.0, 0]])
-            theta = np.radians(deg)  # upright after a counter-clockwise turn by deg: its eye line is at deg in (x, y-down) axes
-            for (x, y, bw, bh), score in zip(np.asarray(boxes).reshape(-1, 4), np.asarray(weights).reshape(-1)):
-                c_rot = np.array([x + bw / 2 - 0.5, y + bh / 2 - 0.5 + self.face_shift * bh])
-                center = crop_lib.apply_affine(back, c_rot)
-                found.append(Detection(center.astype(np.float64), float(bw) * self.face_scale, float(theta), float(score)))
-        return _merge(found)
-
-
-@functools.lru_cache(maxsize=1)
-def _default_detector() -> HaarDetector:
-    return HaarDetector()
-
-
-def _merge(dets: list[Detection], overlap: float = 0.5) -> list[Detection]:
-    """Greedy non-maximum suppression by centre distance relative to the box size."""
-    keep: list[Detection] = []
-    for d in sorted(dets, key=lambda d: -d.score):
-        if all(np.linalg.norm(d.center - k.center) > overlap * min(d.size, k.size) for k in keep):
-            keep.append(d)
-    return keep
-
-
-def _recut(points: np.ndarray) -> tuple[np.ndarray, float, float]:
-    """Centre, extent (longer side of the upright landmark box) and roll of a face from its landmarks f[68, 2]."""
-    d = points[LEFT_EYE].mean(0) - points[RIGHT_EYE].mean(0)
-    angle = float(np.arctan2(d[1], d[0]))
-    origin = np.zeros(2)
-    upright = rotate(points, -angle, origin, xp=np)
-    lo, hi = upright.min(0), upright.max(0)
-    center = rotate(((lo + hi) / 2.0)[None], angle, origin, xp=np)[0]  # back to image axes
-    return center, max(float((hi - lo).max()), 1.0), angle
+        d = {"box": [round(float(v), 2) for v in self.box], "landmarks": np.round(self.landmarks, 2).tolist(),
+             "confidence": np.round(self.confidence, 3).tolist(), "angle_deg": round(float(np.degrees(self.angle)), 2),
+             "score": float(self.score)}
+        if self.track_id is not None:
+            d["track_id"] = self.track_id
+        return d
 
 
 def _run(model, crops: np.ndarray, batch_size: int):
@@ -152,7 +70,7 @@ def _run(model, crops: np.ndarray, batch_size: int):
     return np.concatenate(lms), np.concatenate(confs)
 
 
-def detect_batch(images: Sequence, params=None, *, detector: Callable[[np.ndarray], list[Detection]] | None = None,
+def detect_batch(images: Sequence, params=None, *, detector: str | FaceDetector | None = None,
                  refine: int = 1, batch_size: int = 32) -> list[list[Face]]:
     """``detect`` for many images: every face of every image goes through the network in shared batches."""
     from lgcn_jax.predict import Model, load_pretrained
@@ -162,7 +80,7 @@ def detect_batch(images: Sequence, params=None, *, detector: Callable[[np.ndarra
         raise TypeError("params must be a lgcn_jax.Model (from load_model / load_pretrained), or None for the released weights")
     size = model.config.data.image_size
     ratio = crop_lib.crop_ratio(model.config.data.dataset)
-    detector = _default_detector() if detector is None else detector
+    detector = get_detector(detector)
     grays = [load_gray(im, exif="apply") for im in images]
     owners, maps, scores = [], [], []
     for i, g in enumerate(grays):
@@ -171,32 +89,40 @@ def detect_batch(images: Sequence, params=None, *, detector: Callable[[np.ndarra
             maps.append(crop_lib.similarity(d.center, d.size * ratio, d.angle, size))
             scores.append(d.score)
     results: list[list[Face]] = [[] for _ in grays]
-    if not owners:
-        return results
-    for it in range(refine + 1):
-        crops = np.stack([crop_lib.warp(grays[o], m, size) for o, m in zip(owners, maps)])
-        lm_crop, conf = _run(model, crops, batch_size)
-        points = [crop_lib.apply_affine(m, p) for m, p in zip(maps, lm_crop)]
-        if it < refine:
-            maps = []
-            for p in points:
-                center, extent, angle = _recut(p)
-                maps.append(crop_lib.similarity(center, extent * ratio, angle, size))
-    for o, m, p, c, s in zip(owners, maps, points, conf, scores):
-        results[o].append(Face(box=np.concatenate([p.min(0), p.max(0)]).astype(np.float32), landmarks=p, confidence=c.astype(np.float32),
-                               angle=float(np.arctan2(m[1, 0], m[0, 0])), score=s, crop=m))
+    for o, face in zip(owners, landmarks(model, grays, owners, maps, scores, refine, batch_size)):
+        results[o].append(face)
     for faces in results:
         faces.sort(key=lambda f: (float(f.box[0]), float(f.box[1])))
     return results
 
 
-def detect(image, params=None, *, detector: Callable[[np.ndarray], list[Detection]] | None = None, refine: int = 1) -> list[Face]:
+def landmarks(model, grays: Sequence[np.ndarray], owners: Sequence[int], maps: Sequence[np.ndarray], scores: Sequence[float],
+              refine: int = 1, batch_size: int = 32) -> list[Face]:
+    """One ``Face`` per crop map: crop ``maps[k]`` f64[2, 3] of image ``grays[owners[k]]`` goes through the network in
+    shared batches, then ``refine`` more passes on crops re-cut from the landmarks (``crop.from_landmarks``)."""
+    if not owners:
+        return []
+    size = model.config.data.image_size
+    ratio = crop_lib.crop_ratio(model.config.data.dataset)
+    maps = list(maps)
+    for it in range(refine + 1):
+        crops = np.stack([crop_lib.warp(grays[o], m, size) for o, m in zip(owners, maps)])
+        lm_crop, conf = _run(model, crops, batch_size)
+        points = [crop_lib.apply_affine(m, p) for m, p in zip(maps, lm_crop)]
+        if it < refine:
+            maps = [crop_lib.from_landmarks(p, ratio, size) for p in points]
+    return [Face(box=np.concatenate([p.min(0), p.max(0)]).astype(np.float32), landmarks=p, confidence=c.astype(np.float32),
+                 angle=float(np.arctan2(m[1, 0], m[0, 0])), score=float(s), crop=m) for m, p, c, s in zip(maps, points, conf, scores)]
+
+
+def detect(image, params=None, *, detector: str | FaceDetector | None = None, refine: int = 1) -> list[Face]:
     """Landmarks of every face in ``image`` (a path, PIL image or array of any size and mode).
 
     Args:
       params: a ``Model`` (``lgcn_jax.load_model(path)``); None loads the released weights
         (``load_pretrained``: trained on 300-W, see its docstring).
-      detector: gray u8[H, W] -> list of ``Detection``; default ``HaarDetector()``.
+      detector: a name from ``lgcn_jax.detectors.DETECTORS`` ("yunet", the default; "yunet-jax", "haar",
+        "dlib") or any function gray u8[H, W] -> list of ``Detection``.
       refine: passes re-cut from the previous landmarks (0: trust the detector's box).
     Returns:
       one ``Face`` per face found, left to right; [] when there is none.
@@ -236,16 +162,18 @@ def draw(image, faces: Sequence[Face], radius: float | None = None):
 
 
 def main(argv=None) -> int:
-    """lgcn-detect IMAGE... --out DIR: a JSON and an annotated PNG per image."""
+    """lgcn-detect IMAGE_OR_VIDEO... --out DIR: per image a JSON and an annotated PNG; per video JSON lines and an annotated mp4."""
     import argparse
     import json
     import sys
 
     from tqdm.auto import tqdm
 
-    p = argparse.ArgumentParser(prog="lgcn-detect", description="68 facial landmarks for every face in each image.")
-    p.add_argument("images", nargs="+")
-    p.add_argument("--out", required=True, help="folder for NAME.json and NAME_landmarks.png")
+    p = argparse.ArgumentParser(prog="lgcn-detect", description="68 facial landmarks for every face in each image or video.")
+    p.add_argument("images", nargs="+", metavar="IMAGE_OR_VIDEO",
+                   help="photos (any format Pillow reads) and videos (.mp4, .avi, .mov, .mkv, .m4v, .webm; faces tracked from frame to frame)")
+    p.add_argument("--out", required=True, help="folder for NAME.json and NAME_landmarks.png (videos: NAME.jsonl and NAME_landmarks.mp4)")
+    p.add_argument("--detect_every", type=int, default=10, help="videos: frames between face detector runs (it also runs when a face is lost)")
     p.add_argument("--checkpoint", help="a checkpoint folder (default: the released weights, see lgcn_jax.load_pretrained)")
     p.add_argument("--overwrite", action="store_true", help="replace results already in --out")
     p.add_argument("--no_progress", action="store_true")
@@ -266,14 +194,27 @@ def main(argv=None) -> int:
         stem = os.path.splitext(os.path.basename(path))[0]
         seen[stem] = seen.get(stem, 0) + 1
         names.append(stem if seen[stem] == 1 else f"{stem}_{seen[stem]}")
+    from lgcn_jax.video import VideoError, annotate_video, is_video
+
     if not args.overwrite:
-        clash = [n for n in names if os.path.exists(os.path.join(args.out, n + ".json"))]
+        clash = [n for n, path in zip(names, args.images) if os.path.exists(os.path.join(args.out, n + (".jsonl" if is_video(path) else ".json")))]
         if clash:
             print(f"lgcn-detect: error: {args.out} already holds results for {', '.join(clash[:5])}; nothing was written. "
                   "Use another --out or --overwrite.", file=sys.stderr)
             return 1
     failed = 0
-    for path, name in tqdm(list(zip(args.images, names)), disable=args.no_progress, unit="image"):
+    images = [(path, name) for path, name in zip(args.images, names) if not is_video(path)]
+    for path, name in zip(args.images, names):
+        if not is_video(path):
+            continue
+        try:
+            summary = annotate_video(path, args.out, model, name, detect_every=args.detect_every, progress=not args.no_progress)
+        except VideoError as e:
+            print(f"lgcn-detect: {e}", file=sys.stderr)
+            failed += 1
+            continue
+        print(f"{path}: {summary['frames']} frames, {summary['faces']} face(s) in all, {summary['fps']:.1f} frames/s")
+    for path, name in tqdm(images, disable=args.no_progress or not images, unit="image"):
         try:
             image = open_image(path)  # decoded once for detection and drawing
             faces = detect(image, model)

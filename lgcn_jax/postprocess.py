@@ -37,14 +37,24 @@ import jax.numpy as jnp
 from jax import lax
 
 from lgcn_jax.config import PostprocessConfig
-from lgcn_jax.heatmaps import argmax_subpixel, refine_flat
+from lgcn_jax.heatmaps import argmax_subpixel, first_argmax, refine_at
 from lgcn_jax.shape_model import ShapeModel, empty_shape_model, kabsch_angle, rotate
 
 __all__ = ["postprocess", "postprocess_with_confidence", "solve_qp", "check_heatmaps"]
 
+# Pixels (of a 96-pixel map) around the fit searched first for the nearest peak; the result
+# does not depend on it (a miss searches the whole map), only the speed does.
+PEAK_SEARCH_RADIUS = 8
+
 
 def solve_qp(hess: jax.Array, grad: jax.Array, a: jax.Array, bound: jax.Array, iterations: int = 30) -> jax.Array:
-    """min_x 1/2 x^T hess x + grad^T x  subject to  a x <= bound, by a primal-dual interior point.
+    """min_x 1/2 x^T hess x + grad^T x  subject to  a x <= bound.
+
+    The unconstrained minimiser is returned when it satisfies every constraint (on real
+    300-W heatmaps it does for every global fit measured); otherwise a primal-dual
+    interior point (Mehrotra predictor-corrector, at most ``iterations`` steps, stopping
+    once the duality measure is below 1e-7).  Unbatched (``jit`` of one face) only the
+    branch taken runs; under ``vmap`` both do and the result is selected.
 
     Args:
       hess: f32[K, K] symmetric positive definite; grad: f32[K];
@@ -56,14 +66,26 @@ def solve_qp(hess: jax.Array, grad: jax.Array, a: jax.Array, bound: jax.Array, i
     # Scaling the objective leaves the minimiser unchanged and keeps the multipliers near 1.
     scale = jnp.trace(hess) / k + 1e-30
     hess, grad = hess / scale, grad / scale
+    free = jax.scipy.linalg.cho_solve(jax.scipy.linalg.cho_factor(hess), -grad)
     if m == 0:
-        return jnp.linalg.solve(hess, -grad)
+        return free
+    feasible = jnp.all(a @ free <= bound) & jnp.all(jnp.isfinite(free))
+    return lax.cond(feasible, lambda: free, lambda: _interior_point(hess, grad, a, bound, iterations))
+
+
+def _interior_point(hess, grad, a, bound, iterations):
+    """``solve_qp`` by a primal-dual interior point started at the strictly feasible x = 0."""
+    k, m = hess.shape[0], a.shape[0]
 
     def max_step(v, dv):
         return jnp.min(jnp.where(dv < 0, -v / jnp.where(dv < 0, dv, -1.0), jnp.inf))
 
-    def body(_, carry):
-        x, s, lam = carry
+    def running(carry):
+        i, (_, s, lam), ok = carry
+        return (i < iterations) & ok & (jnp.mean(s * lam) > 1e-7)
+
+    def body(carry):
+        i, (x, s, lam), _ = carry
         r_dual = hess @ x + grad + a.T @ lam
         r_prim = a @ x + s - bound
         mu = jnp.mean(s * lam)
@@ -80,27 +102,57 @@ def solve_qp(hess: jax.Array, grad: jax.Array, a: jax.Array, bound: jax.Array, i
         dx, ds, dl = direction(s * lam + ds * dl - sigma * mu)  # corrector with centring
         step = jnp.minimum(1.0, 0.99 * jnp.minimum(max_step(s, ds), max_step(lam, dl)))
         new = (x + step * dx, s + step * ds, lam + step * dl)
-        ok = (mu > 1e-7) & jnp.all(jnp.isfinite(new[0])) & jnp.all(jnp.isfinite(new[1])) & jnp.all(jnp.isfinite(new[2]))
-        return tuple(jnp.where(ok, n, o) for n, o in zip(new, carry))
+        ok = jnp.all(jnp.isfinite(new[0])) & jnp.all(jnp.isfinite(new[1])) & jnp.all(jnp.isfinite(new[2]))
+        return i + 1, tuple(jnp.where(ok, n, o) for n, o in zip(new, (x, s, lam))), ok
 
-    x0 = jnp.zeros((k,), hess.dtype)
-    x, _, _ = lax.fori_loop(0, iterations, body, (x0, bound, jnp.ones((m,), hess.dtype)))
+    start = (jnp.zeros((k,), hess.dtype), bound, jnp.ones((m,), hess.dtype))
+    _, (x, _, _), _ = lax.while_loop(running, body, (jnp.int32(0), start, jnp.bool_(True)))
     return x
 
 
-def _map_statistics(heat: jax.Array, floor: float, window: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+def _map_statistics(heat: jax.Array, floor: float) -> tuple[jax.Array, jax.Array]:
     """Per-map total squared weight f32[L] and weighted mean position f32[L, 2] of heat f32[H, W, L]."""
     h, w, _ = heat.shape
-    wt = jnp.where(heat > floor, heat, 0.0)
-    if window is not None:
-        wt = wt * window
-    w2 = wt * wt
+    w2 = jnp.square(jnp.where(heat > floor, heat, 0.0))
+    cols, rows = w2.sum(0), w2.sum(1)  # [W, L], [H, L]
+    total = cols.sum(0)
+    mx = jnp.arange(w, dtype=heat.dtype) @ cols
+    my = jnp.arange(h, dtype=heat.dtype) @ rows
+    return total, jnp.stack([mx, my], -1) / jnp.maximum(total, 1e-30)[:, None]
+
+
+def _rounded(points: jax.Array, h: int, w: int) -> tuple[jax.Array, jax.Array]:
+    """Each point rounded to its pixel, i32[L] column and row (far-off or non-finite points kept off the map)."""
+    p = jnp.nan_to_num(jnp.round(points), nan=-4.0 * (h + w), posinf=4.0 * (h + w), neginf=-4.0 * (h + w))
+    p = jnp.clip(p, -4.0 * (h + w), 4.0 * (h + w)).astype(jnp.int32)
+    return p[:, 0], p[:, 1]
+
+
+def _patches(heat: jax.Array, y0: jax.Array, x0: jax.Array, ny: int, nx: int) -> jax.Array:
+    """f32[ny, nx, L]: map l's pixels from row y0[l], column x0[l] (starts i32[L], inside the map)."""
+    # One dynamic slice per map: 5x faster on CPU than gathering every pixel by index.
+    cut = lambda y, x, l: lax.dynamic_slice(heat, (y, x, l), (ny, nx, 1))[..., 0]  # noqa: E731
+    return jax.vmap(cut, out_axes=-1)(y0, x0, jnp.arange(heat.shape[-1]))
+
+
+def _window_statistics(heat: jax.Array, floor: float, points: jax.Array, half: int) -> tuple[jax.Array, jax.Array]:
+    """``_map_statistics`` of the pixels within ``half`` (Chebyshev) of each map's rounded point.
+
+    Only a (2 half + 1)^2 patch per map is read: it is gathered inside the map, moved
+    inwards at the border, and masked back to the window.
+    """
+    h, w, num_l = heat.shape
+    cx, cy = _rounded(points, h, w)
+    ny, nx = min(2 * half + 1, h), min(2 * half + 1, w)
+    y0, x0 = jnp.clip(cy - half, 0, h - ny), jnp.clip(cx - half, 0, w - nx)
+    patch = _patches(heat, y0, x0, ny, nx)
+    ys, xs = y0 + jnp.arange(ny)[:, None], x0 + jnp.arange(nx)[:, None]  # [ny, L], [nx, L]
+    inside = (jnp.abs(ys - cy) <= half)[:, None, :] & (jnp.abs(xs - cx) <= half)[None, :, :]
+    w2 = jnp.square(jnp.where(inside & (patch > floor), patch, 0.0))
     total = w2.sum((0, 1))
-    xs, ys = jnp.arange(w, dtype=heat.dtype), jnp.arange(h, dtype=heat.dtype)
-    mx = jnp.einsum("hwl,w->l", w2, xs)
-    my = jnp.einsum("hwl,h->l", w2, ys)
-    mean = jnp.stack([mx, my], -1) / jnp.maximum(total, 1e-30)[:, None]
-    return total, mean
+    mx = (w2.sum(0) * xs.astype(heat.dtype)).sum(0)
+    my = (w2.sum(1) * ys.astype(heat.dtype)).sum(0)
+    return total, jnp.stack([mx, my], -1) / jnp.maximum(total, 1e-30)[:, None]
 
 
 def _values_at(heat: jax.Array, points: jax.Array) -> jax.Array:
@@ -121,12 +173,18 @@ def _rotation(heat: jax.Array, points: jax.Array, model: ShapeModel, threshold: 
     return kabsch_angle(model.mean, points, weights)
 
 
-def _fit(heat, theta, model: ShapeModel, num_components: int, cfg: PostprocessConfig, window=None):
-    """Constrained weighted least-squares fit of the rotated model: f32[L, 2]."""
+def _fit(heat, theta, model: ShapeModel, num_components: int, cfg: PostprocessConfig, around=None, half: int = 0):
+    """Constrained weighted least-squares fit of the rotated model: f32[L, 2].
+
+    With ``around`` f32[L, 2], each map counts only within ``half`` pixels of its point.
+    """
     h, w, num_l = heat.shape
     center = jnp.array([(w - 1) / 2.0, (h - 1) / 2.0], heat.dtype)
     comps = model.components[:num_components]
-    total, target = _map_statistics(heat, cfg.weight_floor, window)
+    if around is None:
+        total, target = _map_statistics(heat, cfg.weight_floor)
+    else:
+        total, target = _window_statistics(heat, cfg.weight_floor, around, half)
     base = rotate(model.mean, theta, center)
     jac = rotate(comps, theta, jnp.zeros(2, heat.dtype)).reshape(num_components, -1)  # [K, 2L]
     wc = jnp.repeat(total, 2)
@@ -144,33 +202,52 @@ def _fit(heat, theta, model: ShapeModel, num_components: int, cfg: PostprocessCo
     return base + jnp.einsum("k,kld->ld", coef, jac.reshape(num_components, num_l, 2))
 
 
-def _window(shape, points: jax.Array, half: int) -> jax.Array:
-    """f32[H, W, L] mask of pixels within ``half`` (Chebyshev) of each map's rounded point."""
-    h, w, _ = shape
-    cx, cy = jnp.round(points[:, 0]), jnp.round(points[:, 1])
-    inx = jnp.abs(jnp.arange(w, dtype=points.dtype)[:, None] - cx) <= half  # [W, L]
-    iny = jnp.abs(jnp.arange(h, dtype=points.dtype)[:, None] - cy) <= half  # [H, L]
-    return (iny[:, None, :] & inx[None, :, :]).astype(points.dtype)
-
-
-def _nearest_peak(heat: jax.Array, points: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Nearest local maximum (3x3) of each map to its point, sub-pixel refined: (f32[L, 2], value f32[L])."""
-    h, w, num_l = heat.shape
-    maps = jnp.transpose(heat, (2, 0, 1))  # [L, H, W]: rows contiguous, twice as fast on CPU as [H, W, L]
-    pad = jnp.pad(maps, [(0, 0), (1, 1), (1, 1)], mode="edge")
-    rows = [pad[:, :, d : d + w] for d in range(3)]
-    hi = functools.reduce(jnp.maximum, rows)
-    lo = functools.reduce(jnp.minimum, rows)
-    hi = jnp.maximum(jnp.maximum(hi[:, :-2], hi[:, 1:-1]), hi[:, 2:])
-    lo = jnp.minimum(jnp.minimum(lo[:, :-2], lo[:, 1:-1]), lo[:, 2:])
-    is_peak = (maps >= hi) & (maps > lo)  # a flat neighbourhood is no peak
+def _nearest_peak_in_map(heat: jax.Array, points: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``_nearest_peak`` searched over the whole of every map."""
+    h, w, _ = heat.shape
     xs, ys = jnp.arange(w, dtype=heat.dtype), jnp.arange(h, dtype=heat.dtype)
-    d2 = (xs - points[:, 0, None, None]) ** 2 + (ys[:, None] - points[:, 1, None, None]) ** 2
-    d2 = jnp.where(is_peak, d2, jnp.inf).reshape(num_l, h * w)
-    idx = jnp.argmin(d2, axis=-1)
-    found = jnp.isfinite(jnp.min(d2, axis=-1))
-    xy, value = refine_flat(maps.reshape(num_l, h * w), h, w, idx // w, idx % w)
-    return xy, jnp.where(found, value, 0.0)
+    d2 = (xs[None, :, None] - points[:, 0]) ** 2 + (ys[:, None, None] - points[:, 1]) ** 2
+    d2 = jnp.where(_local_maxima(heat), d2, jnp.inf)
+    xy, value = refine_at(heat, *first_argmax(-d2))
+    return xy, jnp.where(jnp.isfinite(jnp.min(d2, axis=(0, 1))), value, 0.0)
+
+
+def _nearest_peak(heat: jax.Array, points: jax.Array, radius: int) -> tuple[jax.Array, jax.Array]:
+    """Nearest local maximum (3x3) of each map to its point, sub-pixel refined: (f32[L, 2], value f32[L]).
+
+    Searched first in a patch around the rounded point that covers every pixel within
+    ``radius`` (Chebyshev) of it: any pixel outside lies more than radius + 1/2 from the
+    point, so a peak found closer than that is the nearest of the whole map (ties resolve
+    in row-major order either way).  Otherwise the whole map is searched.
+    """
+    h, w, num_l = heat.shape
+    cx, cy = _rounded(points, h, w)
+    ny, nx = min(2 * radius + 3, h), min(2 * radius + 3, w)
+    y0, x0 = jnp.clip(cy - radius - 1, 0, h - ny), jnp.clip(cx - radius - 1, 0, w - nx)
+    patch = _patches(heat, y0, x0, ny, nx)
+    is_peak = _local_maxima(patch)
+    ys, xs = y0 + jnp.arange(ny)[:, None], x0 + jnp.arange(nx)[:, None]  # [ny, L], [nx, L]
+    # The patch's own edge padding is right only where the patch edge is the map's edge.
+    ok_y = ((ys > y0) | (ys == 0)) & ((ys < y0 + ny - 1) | (ys == h - 1))
+    ok_x = ((xs > x0) | (xs == 0)) & ((xs < x0 + nx - 1) | (xs == w - 1))
+    fy, fx = ys.astype(heat.dtype), xs.astype(heat.dtype)
+    d2 = (fx[None, :, :] - points[:, 0]) ** 2 + (fy[:, None, :] - points[:, 1]) ** 2
+    d2 = jnp.where(is_peak & ok_y[:, None, :] & ok_x[None, :, :], d2, jnp.inf)
+    iy, ix = first_argmax(-d2)
+    proven = jnp.all(jnp.min(d2, axis=(0, 1)) < (radius + 0.5) ** 2)
+    return lax.cond(proven, lambda: refine_at(heat, y0 + iy, x0 + ix), lambda: _nearest_peak_in_map(heat, points))
+
+
+def _local_maxima(maps: jax.Array) -> jax.Array:
+    """bool[H, W, L]: pixels >= their 3x3 neighbours (edge replicated) and > at least one of them."""
+    h, w, _ = maps.shape
+    pad = jnp.pad(maps, [(1, 1), (1, 1), (0, 0)], mode="edge")
+    cols = [pad[:, d : d + w] for d in range(3)]
+    hi = functools.reduce(jnp.maximum, cols)
+    lo = functools.reduce(jnp.minimum, cols)
+    hi = jnp.maximum(jnp.maximum(hi[:-2], hi[1:-1]), hi[2:])
+    lo = jnp.minimum(jnp.minimum(lo[:-2], lo[1:-1]), lo[2:])
+    return (maps >= hi) & (maps > lo)  # a flat neighbourhood is no peak
 
 
 def _postprocess_one(heat: jax.Array, model: ShapeModel, cfg: PostprocessConfig) -> tuple[jax.Array, jax.Array]:
@@ -187,10 +264,10 @@ def _postprocess_one(heat: jax.Array, model: ShapeModel, cfg: PostprocessConfig)
         size = heat.shape[0]
         for half in cfg.local_windows:
             half = max(1, round(half * size / 96))
-            fit = _fit(heat, theta, model, num_components, cfg, _window(heat.shape, fit, half))
+            fit = _fit(heat, theta, model, num_components, cfg, fit, half)
     if not cfg.blend:
         return fit, _values_at(heat, fit)
-    peak_xy, value = _nearest_peak(heat, fit)
+    peak_xy, value = _nearest_peak(heat, fit, max(1, round(PEAK_SEARCH_RADIUS * heat.shape[0] / 96)))
     v = jnp.clip(value, 0.0, 1.0)[:, None]
     return (1.0 - v) * fit + v * peak_xy, value
 
@@ -208,9 +285,20 @@ def check_heatmaps(shape: tuple[int, ...], model: ShapeModel | None) -> None:
         raise ValueError(f"heatmaps are {h}x{w} but the shape model was built for {model.image_size}x{model.image_size} crops")
 
 
+def postprocess_batch(heatmaps: jax.Array, model: ShapeModel, config: PostprocessConfig) -> tuple[jax.Array, jax.Array]:
+    """``_postprocess_one`` over a batch f32[B, H, W, L], for use inside a jitted function.
+
+    A batch of one is not vmapped: its ``lax.cond``s then run only the branch taken (the
+    closed-form fit, the windowed peak search), which is what makes a single face fast.
+    """
+    if heatmaps.shape[0] == 1:
+        return jax.tree_util.tree_map(lambda v: v[None], _postprocess_one(heatmaps[0], model, config))
+    return jax.vmap(lambda hm: _postprocess_one(hm, model, config))(heatmaps)
+
+
 @functools.partial(jax.jit, static_argnames="config")
 def _postprocess(heatmaps, model, config):
-    return jax.vmap(lambda hm: _postprocess_one(hm, model, config))(heatmaps)
+    return postprocess_batch(heatmaps, model, config)
 
 
 def postprocess_with_confidence(heatmaps: jax.Array, shape_model: ShapeModel | None, config: PostprocessConfig = PostprocessConfig()):

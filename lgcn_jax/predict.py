@@ -11,7 +11,7 @@ import jax
 
 from lgcn_jax import network, sharding
 from lgcn_jax.config import Config, PostprocessConfig
-from lgcn_jax.postprocess import _postprocess_one, check_heatmaps
+from lgcn_jax.postprocess import check_heatmaps, postprocess_batch
 from lgcn_jax.shape_model import ShapeModel, ShapeModelError, empty_shape_model, load_shape_model, save_shape_model
 
 __all__ = ["Model", "predict", "predict_with_confidence", "load_model", "export_model", "load_pretrained", "PRETRAINED"]
@@ -28,7 +28,7 @@ class Model(NamedTuple):
 @functools.partial(jax.jit, static_argnames="config")
 def _predict(params, images, shape_model, config):
     heatmaps = network.apply(params, images)
-    return jax.vmap(lambda hm: _postprocess_one(hm, shape_model, config))(heatmaps)
+    return postprocess_batch(heatmaps, shape_model, config)
 
 
 def predict_with_confidence(model: Union[Model, network.LGCNParams], images, shape_model: ShapeModel | None = None,

@@ -222,3 +222,109 @@ def test_run_eval_errors(trained_workdir, tmp_path, capsys):
     r = _eval(["--workdir", str(bare), "--split", "test", "--out", str(tmp_path), "--no_shape_model"], capsys)
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "eval_test_argmax.json").exists()
+
+
+# ---- the fast paths of a single face: same landmarks as the plain algorithm --------------------------------------------
+
+def test_landmarks_equal_those_before_the_speed_up():
+    """The synthetic test split through the synthetic_quick weights: within 0.05 px of the landmarks the post-processing
+    gave before its single-face fast paths (tests/data/postprocess_before_speedup.npz, written by that code), batched
+    (vmapped: every branch runs) and one face at a time (unbatched: only the branch taken runs)."""
+    import os
+
+    from lgcn_jax.input_pipeline import _resize
+
+    before = np.load(os.path.join(os.path.dirname(__file__), "data", "postprocess_before_speedup.npz"))
+    model = lgcn_jax.load_pretrained("synthetic_quick")
+    images = _resize(np.stack([make_face(20_000_000 + i, 96)[0] for i in range(64)])[..., None], model.config.data.image_size)
+    lm, conf = lgcn_jax.predict_with_confidence(model, images)
+    assert np.abs(np.asarray(lm) - before["landmarks"]).max() <= 0.05
+    np.testing.assert_allclose(np.asarray(conf), before["confidence"], atol=1e-4)
+    for i in range(0, 64, 8):
+        one, _ = lgcn_jax.predict_with_confidence(model, images[i:i + 1])
+        assert np.abs(np.asarray(one)[0] - before["landmarks"][i]).max() <= 0.05
+    am = lgcn_jax.predict(model, images, config=PostprocessConfig(use_shape_model=False))
+    np.testing.assert_array_equal(np.asarray(am), before["argmax"])
+
+
+def _bumpy_maps(seed, size=48, maps=68):
+    """Smoothed noise: many local maxima, plateaus at the clipped floor, and exact ties."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(seed)
+    hm = ndimage.gaussian_filter(rng.normal(size=(size, size, maps)), (1.5, 1.5, 0))
+    hm = np.round(np.maximum(hm, 0.0) * 50) / 50  # quantised: ties and flat zero regions
+    return hm.astype(np.float32)
+
+
+def test_windowed_nearest_peak_equals_the_whole_map_search():
+    from lgcn_jax.postprocess import _nearest_peak, _nearest_peak_in_map
+
+    rng = np.random.default_rng(0)
+    for seed in range(4):
+        hm = _bumpy_maps(seed)
+        h = hm.shape[0]
+        points = rng.uniform(-6, h + 5, (68, 2)).astype(np.float32)  # some off the map: the window proves nothing there
+        points[:8] = rng.uniform(-0.5, 1.5, (8, 2)) * [1, h - 1]  # on the borders
+        points[8] = [np.nan, 3.0]
+        want = jax.jit(_nearest_peak_in_map)(hm, points)
+        for radius in (1, 3, 8, 30):
+            got = jax.jit(_nearest_peak, static_argnums=2)(hm, points, radius)
+            for g, w in zip(got, want):
+                np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+        batched = jax.vmap(lambda a, b: _nearest_peak(a, b, 3))(hm[None], points[None])
+        np.testing.assert_array_equal(np.asarray(batched[0][0]), np.asarray(want[0]))
+
+
+def test_window_statistics_equal_a_dense_mask():
+    from lgcn_jax.postprocess import _map_statistics, _window_statistics
+
+    hm = _bumpy_maps(7, size=40)
+    rng = np.random.default_rng(1)
+    points = rng.uniform(-10, 50, (68, 2)).astype(np.float32)
+    for half in (2, 7, 25):
+        cx, cy = np.round(points[:, 0]), np.round(points[:, 1])
+        ys, xs = np.arange(40.0), np.arange(40.0)
+        mask = (np.abs(ys[:, None, None] - cy) <= half) & (np.abs(xs[None, :, None] - cx) <= half)
+        w2 = np.where(mask & (hm > 0.01), hm, 0.0).astype(np.float64) ** 2
+        total = w2.sum((0, 1))
+        mean = np.stack([(w2 * xs[None, :, None]).sum((0, 1)), (w2 * ys[:, None, None]).sum((0, 1))], -1) / np.maximum(total, 1e-30)[:, None]
+        got_total, got_mean = jax.jit(_window_statistics, static_argnums=(1, 3))(hm, 0.01, points, half)
+        np.testing.assert_allclose(np.asarray(got_total), total, rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(np.asarray(got_mean), mean, atol=1e-3)
+    total, mean = _map_statistics(jnp.asarray(hm), 0.01)
+    w2 = np.where(hm > 0.01, hm, 0.0).astype(np.float64) ** 2
+    np.testing.assert_allclose(np.asarray(total), w2.sum((0, 1)), rtol=1e-5)
+
+
+def test_qp_closed_form_when_feasible_interior_point_otherwise():
+    from lgcn_jax.postprocess import _interior_point
+
+    rng = np.random.default_rng(5)
+    q = rng.normal(size=(12, 12))
+    hess = (q @ q.T + 0.5 * np.eye(12)).astype(np.float32)
+    grad = rng.normal(size=12).astype(np.float32)
+    a = rng.normal(size=(200, 12)).astype(np.float32)
+    free = np.linalg.solve(hess.astype(np.float64), -grad)
+    loose = (np.abs(a @ free) + 1.0).astype(np.float32)  # every constraint inactive at the free minimum
+    x = np.asarray(jax.jit(solve_qp)(hess, grad, a, loose))
+    np.testing.assert_allclose(x, free, rtol=1e-4, atol=1e-5)
+    scale = np.trace(hess) / 12
+    ipm = np.asarray(_interior_point(hess / scale, grad / scale, a, loose, 30))
+    np.testing.assert_allclose(ipm, free, atol=1e-3)
+    tight = np.full(200, 0.05, np.float32)  # the free minimum violates some: the interior point decides
+    assert np.any(a @ free > tight)
+    np.testing.assert_allclose(np.asarray(jax.jit(solve_qp)(hess, grad, a, tight)), np.asarray(_interior_point(hess / scale, grad / scale, a, tight, 30)),
+                               atol=1e-6)
+
+
+def test_first_argmax_is_the_flat_argmax_with_ties_and_nan():
+    from lgcn_jax.heatmaps import first_argmax
+
+    hm = _bumpy_maps(3, size=20, maps=9)
+    hm[..., 0] = 0.0  # all tied
+    hm[5, 7, 1] = np.nan
+    hm[2, 3, 2] = hm[9, 1, 2] = 10.0  # two equal maxima
+    iy, ix = first_argmax(jnp.asarray(hm))
+    flat = np.argmax(np.moveaxis(hm, -1, 0).reshape(9, -1), axis=-1)
+    np.testing.assert_array_equal(np.asarray(iy) * 20 + np.asarray(ix), flat)

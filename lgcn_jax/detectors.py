@@ -1,0 +1,227 @@
+"""Face detectors for ``detect``: gray u8[H, W] -> list of ``Detection``, chosen by name.
+
+    detect(photo, detector="yunet")        # default: YuNet through OpenCV (weights shipped in lgcn_jax/weights)
+    detect(photo, detector="yunet-jax")    # the same network in JAX (lgcn_jax.yunet), batched and jit-compiled
+    detect(photo, detector="haar")         # OpenCV's Haar cascade, searched at 0 and +-30 degrees
+    detect(photo, detector="dlib")         # dlib's HOG detector (pip install 'lgcn_jax[peers]')
+    detect(photo, detector=my_function)    # any gray u8[H, W] -> list[Detection]
+
+A ``Detection`` estimates the box the face's 68 landmarks would span (centre and longer side)
+and its roll; ``detect`` cuts the first crop from it and re-cuts from the landmarks after,
+so it needs only be close.  Each detector's box is turned into that estimate with a scale
+and a downward shift measured on the 300-W training faces (bench/compare_face_detectors.py
+prints them).  Every detector runs on a copy reduced to at most ``max_side`` pixels, so a
+photo of any size is searched in bounded memory and time; the crops are cut from the
+full-resolution image.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from typing import Callable, Sequence, Union
+
+import numpy as np
+
+from lgcn_jax import crop as crop_lib
+
+__all__ = ["Detection", "FaceDetector", "HaarDetector", "YuNetDetector", "DlibDetector", "DETECTORS", "get_detector", "reduce_image"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Detection:
+    """A face candidate: the centre and the longer side (``size``, pixels) of the box its 68
+    landmarks would span, and its roll ``angle`` in radians (eye line against the x axis)."""
+
+    center: np.ndarray
+    size: float
+    angle: float = 0.0
+    score: float = 1.0
+
+
+FaceDetector = Callable[[np.ndarray], list[Detection]]
+
+
+def reduce_image(gray: np.ndarray, max_side: int) -> tuple[np.ndarray, float]:
+    """A copy of u8[H, W] with its longer side at most ``max_side`` (area-averaged), and the factor applied."""
+    h, w = gray.shape[:2]
+    if max(h, w) <= max_side:
+        return gray, 1.0
+    import cv2
+
+    f = max_side / max(h, w)
+    return cv2.resize(gray, (max(1, round(w * f)), max(1, round(h * f))), interpolation=cv2.INTER_AREA), f
+
+
+def _rescale(dets: list[Detection], factor: float) -> list[Detection]:
+    """Detections on a copy reduced by ``factor`` -> full-image pixels (pixel centres at integers)."""
+    if factor == 1.0:
+        return dets
+    return [dataclasses.replace(d, center=(np.asarray(d.center) + 0.5) / factor - 0.5, size=d.size / factor) for d in dets]
+
+
+def _merge(dets: list[Detection], overlap: float = 0.5) -> list[Detection]:
+    """Greedy non-maximum suppression by centre distance relative to the box size."""
+    keep: list[Detection] = []
+    for d in sorted(dets, key=lambda d: -d.score):
+        if all(np.linalg.norm(d.center - k.center) > overlap * min(d.size, k.size) for k in keep):
+            keep.append(d)
+    return keep
+
+
+class YuNetDetector:
+    """YuNet (OpenCV zoo, MIT licence; ``lgcn_jax/weights``): a 53k-parameter CNN with 5 face points.
+
+    Runs through ``cv2.FaceDetectorYN`` (``backend="opencv"``) or the JAX port ``lgcn_jax.yunet``
+    (``backend="jax"``: same detections; jit-compiled, so the first call at each padded image size
+    compiles).  The gray image is repeated into 3 channels, reduced to at most ``max_side``.
+    The roll comes from the two eye points; the landmark box is ``face_scale`` x the longer box
+    side, shifted down by ``face_shift`` box sides (300-W training faces: median 0.805 and 0.129).
+    """
+
+    def __init__(self, score_threshold: float = 0.6, nms_threshold: float = 0.3, max_side: int = 1280, backend: str = "opencv",
+                 face_scale: float = 0.805, face_shift: float = 0.129):
+        if backend not in ("opencv", "jax"):
+            raise ValueError(f"backend must be 'opencv' or 'jax', got {backend!r}")
+        self.score_threshold, self.nms_threshold, self.max_side, self.backend = score_threshold, nms_threshold, max_side, backend
+        self.face_scale, self.face_shift = face_scale, face_shift
+        self._cv = None
+
+    def _faces(self, bgr: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        h, w = bgr.shape[:2]
+        if self.backend == "jax":
+            from lgcn_jax import yunet
+
+            ph, pw = -(-h // 32) * 32, -(-w // 32) * 32  # zero-padded at the bottom and right, as OpenCV does
+            x = np.zeros((1, ph, pw, 3), np.float32)
+            x[0, :h, :w] = bgr
+            return yunet.decode(yunet.apply(yunet.load_params(), x), (ph, pw), self.score_threshold, self.nms_threshold)
+        import cv2
+
+        from lgcn_jax.yunet import ONNX
+
+        if self._cv is None:
+            self._cv = cv2.FaceDetectorYN.create(ONNX, "", (w, h), self.score_threshold, self.nms_threshold, 5000)
+        self._cv.setInputSize((w, h))
+        _, faces = self._cv.detect(bgr)
+        if faces is None:
+            return np.zeros((0, 4), np.float32), np.zeros((0, 5, 2), np.float32), np.zeros((0,), np.float32)
+        return faces[:, :4], faces[:, 4:14].reshape(-1, 5, 2), faces[:, 14]
+
+    def __call__(self, gray: np.ndarray) -> list[Detection]:
+        small, factor = reduce_image(np.asarray(gray, np.uint8), self.max_side)
+        boxes, points, scores = self._faces(np.repeat(small[..., None], 3, axis=2))
+        out = []
+        for (x, y, bw, bh), pts, score in zip(boxes, points, scores):
+            side = float(max(bw, bh))
+            if not (np.all(np.isfinite(pts)) and np.isfinite([x, y]).all() and 1.0 <= side <= 4 * max(small.shape)):
+                continue  # a degenerate box (seen on a 7-pixel-high image)
+            eyes = pts[1] - pts[0]
+            angle = float(np.arctan2(eyes[1], eyes[0]))
+            # The shift is along the face's own downward axis.
+            down = np.array([-np.sin(angle), np.cos(angle)])
+            center = np.array([x + bw / 2 - 0.5, y + bh / 2 - 0.5]) + self.face_shift * side * down
+            out.append(Detection(center.astype(np.float64), side * self.face_scale, angle, float(score)))
+        return _rescale(out, factor)
+
+
+class HaarDetector:
+    """OpenCV's frontal-face Haar cascade (``haarcascade_frontalface_alt2``), run on the image
+    rotated by each of ``angles`` degrees so that rolled faces are found too; overlapping
+    finds are merged, keeping the strongest.
+
+    The cascade box covers roughly brows to chin; ``face_scale`` and ``face_shift`` (in box
+    sides, downwards) turn it into an estimate of the landmarks' box (medians on the 300-W
+    training faces: 0.889 and 0.156).
+    """
+
+    def __init__(self, angles: Sequence[float] = (0.0, -30.0, 30.0), min_size: int = 24, scale_factor: float = 1.1,
+                 min_neighbors: int = 4, face_scale: float = 0.889, face_shift: float = 0.156, cascade: str = "haarcascade_frontalface_alt2.xml",
+                 max_side: int = 1280):
+        try:
+            import cv2
+        except ImportError as e:  # pragma: no cover - a dependency
+            raise ImportError("face detection needs opencv-python-headless (pip install 'opencv-python-headless<5')") from e
+        path = os.path.join(cv2.data.haarcascades, cascade)
+        self._cv2 = cv2
+        self._cascade = cv2.CascadeClassifier(path)
+        if self._cascade.empty():
+            raise RuntimeError(f"OpenCV could not load its bundled cascade {path}")
+        self.angles, self.min_size, self.scale_factor, self.min_neighbors = tuple(angles), min_size, scale_factor, min_neighbors
+        self.face_scale, self.face_shift, self.max_side = face_scale, face_shift, max_side
+
+    def __call__(self, gray: np.ndarray) -> list[Detection]:
+        cv2 = self._cv2
+        small, factor = reduce_image(np.asarray(gray, np.uint8), self.max_side)
+        h, w = small.shape
+        eq = cv2.equalizeHist(small)
+        found = []
+        for deg in self.angles:
+            # Rotate about the centre onto a canvas that holds the whole image.
+            m = cv2.getRotationMatrix2D((w / 2 - 0.5, h / 2 - 0.5), deg, 1.0)
+            cos, sin = abs(m[0, 0]), abs(m[0, 1])
+            cw, ch = int(np.ceil(h * sin + w * cos)), int(np.ceil(h * cos + w * sin))
+            m[0, 2] += cw / 2 - w / 2
+            m[1, 2] += ch / 2 - h / 2
+            img = eq if deg == 0 else cv2.warpAffine(eq, m, (cw, ch), flags=cv2.INTER_LINEAR, borderValue=0)
+            boxes, _, weights = self._cascade.detectMultiScale3(img, scaleFactor=self.scale_factor, minNeighbors=self.min_neighbors,
+                                                                minSize=(self.min_size, self.min_size), outputRejectLevels=True)
+            back = crop_lib.invert_affine(np.vstack([m, [0, 0, 1]])[:2]) if deg != 0 else np.array([[1.0, 0, 0], [0, 1.0, 0]])
+            theta = np.radians(deg)  # upright after a counter-clockwise turn by deg: its eye line is at deg in (x, y-down) axes
+            for (x, y, bw, bh), score in zip(np.asarray(boxes).reshape(-1, 4), np.asarray(weights).reshape(-1)):
+                c_rot = np.array([x + bw / 2 - 0.5, y + bh / 2 - 0.5 + self.face_shift * bh])
+                center = crop_lib.apply_affine(back, c_rot)
+                found.append(Detection(center.astype(np.float64), float(bw) * self.face_scale, float(theta), float(score)))
+        return _rescale(_merge(found), factor)
+
+
+class DlibDetector:
+    """dlib's HOG + linear SVM frontal face detector (``pip install 'lgcn_jax[peers]'``: dlib-bin).
+
+    ``upsample`` doubles the image that many times first (finds faces down to ~40 px instead of
+    ~80 px, 4x slower each).  Box to landmark box as for YuNet (``face_scale``, ``face_shift``;
+    300-W training faces, upsample 1: 1.025 and 0.115).
+    """
+
+    def __init__(self, upsample: int = 1, max_side: int = 1280, face_scale: float = 1.025, face_shift: float = 0.115):
+        try:
+            import dlib
+        except ImportError as e:
+            raise ImportError("the 'dlib' detector needs dlib: pip install 'lgcn_jax[peers]' (dlib-bin)") from e
+        self._detector = dlib.get_frontal_face_detector()
+        self.upsample, self.max_side, self.face_scale, self.face_shift = upsample, max_side, face_scale, face_shift
+
+    def __call__(self, gray: np.ndarray) -> list[Detection]:
+        small, factor = reduce_image(np.asarray(gray, np.uint8), self.max_side)
+        rects, scores, _ = self._detector.run(np.ascontiguousarray(small), self.upsample, 0.0)
+        out = []
+        for r, s in zip(rects, scores):
+            side = float(max(r.width(), r.height()))
+            center = np.array([(r.left() + r.right()) / 2.0, (r.top() + r.bottom()) / 2.0 + self.face_shift * side])
+            out.append(Detection(center, side * self.face_scale, 0.0, float(s)))
+        return _rescale(out, factor)
+
+
+DETECTORS: dict[str, Callable[[], FaceDetector]] = {
+    "yunet": YuNetDetector,
+    "yunet-jax": functools.partial(YuNetDetector, backend="jax"),
+    "haar": HaarDetector,
+    "dlib": DlibDetector,
+}
+
+
+@functools.lru_cache(maxsize=8)
+def _named(name: str) -> FaceDetector:
+    return DETECTORS[name]()
+
+
+def get_detector(detector: Union[str, FaceDetector, None] = None) -> FaceDetector:
+    """A detector from its name in ``DETECTORS`` (None: "yunet"), or ``detector`` itself if callable."""
+    if detector is None:
+        detector = "yunet"
+    if callable(detector):
+        return detector
+    if detector not in DETECTORS:
+        raise ValueError(f"unknown face detector {detector!r}; choose one of {sorted(DETECTORS)} or pass a function gray u8[H, W] -> list[Detection]")
+    return _named(detector)

@@ -1,0 +1,176 @@
+"""Landmarks through a video: detect once, then follow each face from its own landmarks.
+
+    for faces in lgcn_jax.track(frames):        # frames: arrays (u8[H, W] or RGB u8[H, W, 3]) or paths
+        ...                                     # one list of Face (with .track_id) per frame
+
+The face detector runs on the first frame, then only every ``detect_every`` frames or
+when a face is lost; in between, each face's crop is re-cut from its landmarks in the
+previous frame, so a moving or rolling face stays framed as the network expects, at the
+cost of one network pass per face.  A face whose mean point confidence falls below
+``min_confidence`` is dropped (it left the frame or was occluded).
+
+On a detector frame every face found goes through ``detect``'s own passes (detector box,
+then a re-cut from those landmarks); one that lies on a tracked face takes over that
+track (so detector frames give ``detect``'s landmarks), the others start new tracks.
+Between them the crop is centred and rolled by the previous landmarks, with its side
+set by their eye distance times the side/eye-distance ratio of the track's last
+detector frame.  Re-cutting the side from the landmarks' own extent instead lets the
+network's small bias on the jaw line compound from frame to frame (measured: the crop
+shrank ~1% a frame on a real photo, 1.2% -> 5.5% inter-ocular error in 25 frames; with
+the eye-distance scale it stayed at 1.2-1.7%).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Iterable, Iterator
+
+import numpy as np
+
+from lgcn_jax import crop as crop_lib
+from lgcn_jax.detect import Face, landmarks
+from lgcn_jax.detectors import FaceDetector, get_detector
+from lgcn_jax.image_io import load_gray
+
+__all__ = ["Tracker", "track"]
+
+
+@dataclasses.dataclass
+class Tracker:
+    """Frame-by-frame state of ``track``: call ``update(frame)`` for each frame in order.
+
+    Args:
+      model: a ``Model`` (``load_model`` / ``load_pretrained``).
+      detector: a name from ``lgcn_jax.detectors.DETECTORS`` (default "yunet") or a function gray u8[H, W] -> list of ``Detection``.
+      detect_every: frames between detector runs (1: every frame, as ``detect``).
+      min_confidence: a face whose mean point confidence (heatmap value at its points, ~0.6
+        on 300-W faces with the released weights, <0.3 on crops of background) falls
+        below this is dropped.
+      refine: passes re-cut from the landmarks for a newly detected face (as ``detect``).
+    """
+
+    model: object
+    detector: str | FaceDetector | None = None
+    detect_every: int = 10
+    min_confidence: float = 0.35
+    refine: int = 1
+    follow_passes: int = 2
+    batch_size: int = 32
+    frame_index: int = dataclasses.field(default=-1, init=False)
+    faces: list[Face] = dataclasses.field(default_factory=list, init=False)
+    _next_id: int = dataclasses.field(default=0, init=False)
+    _last_detection: int | None = dataclasses.field(default=None, init=False)
+    _lost: bool = dataclasses.field(default=False, init=False)
+    _side_per_eyes: dict = dataclasses.field(default_factory=dict, init=False)
+
+    def __post_init__(self):
+        if self.detect_every < 1:
+            raise ValueError(f"detect_every must be at least 1, got {self.detect_every}")
+        self.detector = get_detector(self.detector)
+
+    def update(self, frame) -> list[Face]:
+        """The faces of the next frame (u8[H, W], RGB u8[H, W, 3], PIL image or path), each with its ``track_id``."""
+        self.frame_index += 1
+        gray = load_gray(frame)
+        kept: list[Face] = []
+        if self.faces:
+            followed = self.faces
+            for _ in range(self.follow_passes):
+                maps = [self._follow(f) for f in followed]
+                followed = [dataclasses.replace(n, track_id=o.track_id) for o, n in
+                            zip(followed, landmarks(self.model, [gray], [0] * len(maps), maps, [f.score for f in followed], 0, self.batch_size))]
+            for old, new in zip(self.faces, followed):
+                if float(np.mean(new.confidence)) >= self.min_confidence:
+                    kept.append(dataclasses.replace(new, track_id=old.track_id))
+                else:
+                    self._lost = True
+        due = self._last_detection is None or self.frame_index - self._last_detection >= self.detect_every
+        if due or self._lost:
+            self._last_detection, self._lost = self.frame_index, False
+            kept = self._detect(gray, kept)
+        kept = _unique(kept)
+        self.faces = kept
+        ids = {f.track_id for f in kept}
+        self._side_per_eyes = {k: v for k, v in self._side_per_eyes.items() if k in ids}
+        return kept
+
+    def _detect(self, gray: np.ndarray, tracked: list[Face]) -> list[Face]:
+        ratio = crop_lib.crop_ratio(self.model.config.data.dataset)
+        size = self.model.config.data.image_size
+        found = self.detector(gray)
+        maps = [crop_lib.similarity(d.center, d.size * ratio, d.angle, size) for d in found]
+        faces = landmarks(self.model, [gray], [0] * len(maps), maps, [d.score for d in found], self.refine, self.batch_size)
+        out = list(tracked)
+        for face in sorted(faces, key=lambda f: -float(np.mean(f.confidence))):
+            if float(np.mean(face.confidence)) < self.min_confidence:
+                continue
+            same = [k for k, f in enumerate(out) if _covers(f, _centre(face)) or _covers(face, _centre(f))]
+            if same:
+                k = same[0]
+                if out[k].track_id in {f.track_id for f in tracked}:  # not yet taken over by a stronger detection
+                    tid = out[k].track_id
+                    out[k] = dataclasses.replace(face, track_id=tid)
+                    self._anchor(out[k])
+                    tracked = [f for f in tracked if f.track_id != tid]
+                continue
+            out.append(dataclasses.replace(face, track_id=self._next_id))
+            self._anchor(out[-1])
+            self._next_id += 1
+        return out
+
+    def _anchor(self, face: Face) -> None:
+        side = float(np.sqrt(abs(np.linalg.det(face.crop[:, :2])))) * self.model.config.data.image_size
+        self._side_per_eyes[face.track_id] = side / max(_eye_distance(face.landmarks), 1e-6)
+
+    def _follow(self, face: Face) -> np.ndarray:
+        """The crop map for a face's next frame, from its landmarks in this one."""
+        size = self.model.config.data.image_size
+        framing = crop_lib.from_landmarks(face.landmarks, crop_lib.crop_ratio(self.model.config.data.dataset), size)
+        center = crop_lib.apply_affine(framing, np.array([(size - 1) / 2.0] * 2))
+        side = self._side_per_eyes[face.track_id] * _eye_distance(face.landmarks)
+        return crop_lib.similarity(center, side, float(np.arctan2(framing[1, 0], framing[0, 0])), size)
+
+
+def _eye_distance(points: np.ndarray) -> float:
+    p = np.asarray(points, np.float64)
+    return float(np.linalg.norm(p[crop_lib.LEFT_EYE].mean(0) - p[crop_lib.RIGHT_EYE].mean(0)))
+
+
+def _centre(face: Face) -> np.ndarray:
+    return (face.box[:2] + face.box[2:]) / 2.0
+
+
+def _covers(face: Face, point: np.ndarray) -> bool:
+    """Whether ``point`` lies within half a face size of the face's centre (the same face)."""
+    return bool(np.linalg.norm(np.asarray(point) - _centre(face)) < 0.5 * float(np.max(face.box[2:] - face.box[:2])))
+
+
+def _unique(faces: list[Face]) -> list[Face]:
+    """Two tracks that converged onto one face: keep the older (lower id)."""
+    keep: list[Face] = []
+    for f in sorted(faces, key=lambda f: f.track_id):
+        if not any(_covers(k, _centre(f)) for k in keep):
+            keep.append(f)
+    return keep
+
+
+def track(frames: Iterable, params=None, *, detector: str | FaceDetector | None = None, detect_every: int = 10,
+          min_confidence: float = 0.35, refine: int = 1) -> Iterator[list[Face]]:
+    """Landmarks of every face in each of ``frames``, with a ``track_id`` that follows a face across frames.
+
+    Args:
+      frames: an iterable of frames (u8[H, W] gray, RGB u8[H, W, 3], PIL images or paths); a
+        generator is consumed lazily.
+      params: a ``Model``; None loads the released weights (``load_pretrained``).
+      detector, detect_every, min_confidence, refine: see ``Tracker``.
+    Yields:
+      per frame, a list of ``Face`` in image pixels, ordered by ``track_id``; [] when none.
+    """
+    from lgcn_jax.predict import Model, load_pretrained
+
+    model = load_pretrained() if params is None else params
+    if not isinstance(model, Model):
+        raise TypeError("params must be a lgcn_jax.Model (from load_model / load_pretrained), or None for the released weights")
+    tracker = Tracker(model, detector=detector, detect_every=detect_every, min_confidence=min_confidence, refine=refine)
+    for frame in frames:
+        yield tracker.update(frame)
