@@ -74,8 +74,9 @@ class YuNetDetector:
     """YuNet (OpenCV zoo, MIT licence; ``lgcn_jax/weights``): a 53k-parameter CNN with 5 face points.
 
     Runs through ``cv2.FaceDetectorYN`` (``backend="opencv"``) or the JAX port ``lgcn_jax.yunet``
-    (``backend="jax"``: same detections; jit-compiled, so the first call at each padded image size
-    compiles).  The gray image is repeated into 3 channels, reduced to at most ``max_side``.
+    (``backend="jax"``: the same network; jit-compiled, so the first call at each image size, padded
+    to a multiple of 128, compiles; the wider zero padding can move a face at the bottom or right
+    edge slightly).  The gray image is repeated into 3 channels, reduced to at most ``max_side``.
     The roll comes from the two eye points; the landmark box is ``face_scale`` x the longer box
     side, shifted down by ``face_shift`` box sides (300-W training faces: median 0.805 and 0.129).
     """
@@ -93,7 +94,9 @@ class YuNetDetector:
         if self.backend == "jax":
             from lgcn_jax import yunet
 
-            ph, pw = -(-h // 32) * 32, -(-w // 32) * 32  # zero-padded at the bottom and right, as OpenCV does
+            # Zero-padded at the bottom and right as OpenCV does (to multiples of 32), but to multiples of
+            # 128 so that photos of many sizes share a few compiled programs.
+            ph, pw = -(-h // 128) * 128, -(-w // 128) * 128
             x = np.zeros((1, ph, pw, 3), np.float32)
             x[0, :h, :w] = bgr
             return yunet.decode(yunet.apply(yunet.load_params(), x), (ph, pw), self.score_threshold, self.nms_threshold)

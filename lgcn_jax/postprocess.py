@@ -129,10 +129,11 @@ def _rounded(points: jax.Array, h: int, w: int) -> tuple[jax.Array, jax.Array]:
 
 
 def _patches(heat: jax.Array, y0: jax.Array, x0: jax.Array, ny: int, nx: int) -> jax.Array:
-    """f32[ny, nx, L]: map l's pixels from row y0[l], column x0[l] (starts i32[L], inside the map)."""
-    # One dynamic slice per map: 5x faster on CPU than gathering every pixel by index.
+    """f32[L, ny, nx]: map l's pixels from row y0[l], column x0[l] (starts i32[L], inside the map)."""
+    # One dynamic slice per map (5x faster on CPU than gathering every pixel by index), kept
+    # map-major: the window sums then run along contiguous rows (4x faster than [ny, nx, L]).
     cut = lambda y, x, l: lax.dynamic_slice(heat, (y, x, l), (ny, nx, 1))[..., 0]  # noqa: E731
-    return jax.vmap(cut, out_axes=-1)(y0, x0, jnp.arange(heat.shape[-1]))
+    return jax.vmap(cut)(y0, x0, jnp.arange(heat.shape[-1]))
 
 
 def _window_statistics(heat: jax.Array, floor: float, points: jax.Array, half: int) -> tuple[jax.Array, jax.Array]:
@@ -145,13 +146,13 @@ def _window_statistics(heat: jax.Array, floor: float, points: jax.Array, half: i
     cx, cy = _rounded(points, h, w)
     ny, nx = min(2 * half + 1, h), min(2 * half + 1, w)
     y0, x0 = jnp.clip(cy - half, 0, h - ny), jnp.clip(cx - half, 0, w - nx)
-    patch = _patches(heat, y0, x0, ny, nx)
-    ys, xs = y0 + jnp.arange(ny)[:, None], x0 + jnp.arange(nx)[:, None]  # [ny, L], [nx, L]
-    inside = (jnp.abs(ys - cy) <= half)[:, None, :] & (jnp.abs(xs - cx) <= half)[None, :, :]
+    patch = _patches(heat, y0, x0, ny, nx)  # [L, ny, nx]
+    ys, xs = y0[:, None] + jnp.arange(ny), x0[:, None] + jnp.arange(nx)  # [L, ny], [L, nx]
+    inside = (jnp.abs(ys - cy[:, None]) <= half)[:, :, None] & (jnp.abs(xs - cx[:, None]) <= half)[:, None, :]
     w2 = jnp.square(jnp.where(inside & (patch > floor), patch, 0.0))
-    total = w2.sum((0, 1))
-    mx = (w2.sum(0) * xs.astype(heat.dtype)).sum(0)
-    my = (w2.sum(1) * ys.astype(heat.dtype)).sum(0)
+    rows, cols = w2.sum(2), w2.sum(1)  # [L, ny], [L, nx]
+    total = rows.sum(1)
+    mx, my = (cols * xs.astype(heat.dtype)).sum(1), (rows * ys.astype(heat.dtype)).sum(1)
     return total, jnp.stack([mx, my], -1) / jnp.maximum(total, 1e-30)[:, None]
 
 
@@ -224,29 +225,27 @@ def _nearest_peak(heat: jax.Array, points: jax.Array, radius: int) -> tuple[jax.
     cx, cy = _rounded(points, h, w)
     ny, nx = min(2 * radius + 3, h), min(2 * radius + 3, w)
     y0, x0 = jnp.clip(cy - radius - 1, 0, h - ny), jnp.clip(cx - radius - 1, 0, w - nx)
-    patch = _patches(heat, y0, x0, ny, nx)
-    is_peak = _local_maxima(patch)
-    ys, xs = y0 + jnp.arange(ny)[:, None], x0 + jnp.arange(nx)[:, None]  # [ny, L], [nx, L]
+    patch = _patches(heat, y0, x0, ny, nx)  # [L, ny, nx]
+    is_peak = _local_maxima(patch, axes=(1, 2))
+    ys, xs = y0[:, None] + jnp.arange(ny), x0[:, None] + jnp.arange(nx)  # [L, ny], [L, nx]
     # The patch's own edge padding is right only where the patch edge is the map's edge.
-    ok_y = ((ys > y0) | (ys == 0)) & ((ys < y0 + ny - 1) | (ys == h - 1))
-    ok_x = ((xs > x0) | (xs == 0)) & ((xs < x0 + nx - 1) | (xs == w - 1))
+    ok_y = ((ys > y0[:, None]) | (ys == 0)) & ((ys < y0[:, None] + ny - 1) | (ys == h - 1))
+    ok_x = ((xs > x0[:, None]) | (xs == 0)) & ((xs < x0[:, None] + nx - 1) | (xs == w - 1))
     fy, fx = ys.astype(heat.dtype), xs.astype(heat.dtype)
-    d2 = (fx[None, :, :] - points[:, 0]) ** 2 + (fy[:, None, :] - points[:, 1]) ** 2
-    d2 = jnp.where(is_peak & ok_y[:, None, :] & ok_x[None, :, :], d2, jnp.inf)
-    iy, ix = first_argmax(-d2)
-    proven = jnp.all(jnp.min(d2, axis=(0, 1)) < (radius + 0.5) ** 2)
-    return lax.cond(proven, lambda: refine_at(heat, y0 + iy, x0 + ix), lambda: _nearest_peak_in_map(heat, points))
+    d2 = (fx[:, None, :] - points[:, 0, None, None]) ** 2 + (fy[:, :, None] - points[:, 1, None, None]) ** 2
+    d2 = jnp.where(is_peak & ok_y[:, :, None] & ok_x[:, None, :], d2, jnp.inf).reshape(num_l, ny * nx)
+    idx = jnp.argmax(-d2, axis=-1)  # the first nearest in row-major order, as over the whole map
+    proven = jnp.all(jnp.min(d2, axis=-1) < (radius + 0.5) ** 2)
+    return lax.cond(proven, lambda: refine_at(heat, y0 + idx // nx, x0 + idx % nx), lambda: _nearest_peak_in_map(heat, points))
 
 
-def _local_maxima(maps: jax.Array) -> jax.Array:
-    """bool[H, W, L]: pixels >= their 3x3 neighbours (edge replicated) and > at least one of them."""
-    h, w, _ = maps.shape
-    pad = jnp.pad(maps, [(1, 1), (1, 1), (0, 0)], mode="edge")
-    cols = [pad[:, d : d + w] for d in range(3)]
-    hi = functools.reduce(jnp.maximum, cols)
-    lo = functools.reduce(jnp.minimum, cols)
-    hi = jnp.maximum(jnp.maximum(hi[:-2], hi[1:-1]), hi[2:])
-    lo = jnp.minimum(jnp.minimum(lo[:-2], lo[1:-1]), lo[2:])
+def _local_maxima(maps: jax.Array, axes: tuple[int, int] = (0, 1)) -> jax.Array:
+    """bool: pixels >= their 3x3 neighbours (edge replicated) along ``axes`` and > at least one of them."""
+    hi = lo = jnp.pad(maps, [(1, 1) if a in axes else (0, 0) for a in range(maps.ndim)], mode="edge")
+    for a in axes:  # separable: over 3 along one axis, then the other
+        n = maps.shape[a]
+        hi = functools.reduce(jnp.maximum, [lax.slice_in_dim(hi, d, d + n, axis=a) for d in range(3)])
+        lo = functools.reduce(jnp.minimum, [lax.slice_in_dim(lo, d, d + n, axis=a) for d in range(3)])
     return (maps >= hi) & (maps > lo)  # a flat neighbourhood is no peak
 
 
@@ -288,12 +287,17 @@ def check_heatmaps(shape: tuple[int, ...], model: ShapeModel | None) -> None:
 def postprocess_batch(heatmaps: jax.Array, model: ShapeModel, config: PostprocessConfig) -> tuple[jax.Array, jax.Array]:
     """``_postprocess_one`` over a batch f32[B, H, W, L], for use inside a jitted function.
 
-    A batch of one is not vmapped: its ``lax.cond``s then run only the branch taken (the
-    closed-form fit, the windowed peak search), which is what makes a single face fast.
+    The ``lax.cond``s of one face (closed-form fit, windowed peak search) run only the branch
+    taken when the face is processed alone; ``vmap`` turns them into selects that run both.
+    So a batch of one is not vmapped, and on the CPU a batch is a loop over faces (``lax.map``:
+    3.4x faster per face than ``vmap`` at B=32 on 2 cores); accelerators get ``vmap``.
     """
+    one = functools.partial(_postprocess_one, model=model, cfg=config)
     if heatmaps.shape[0] == 1:
-        return jax.tree_util.tree_map(lambda v: v[None], _postprocess_one(heatmaps[0], model, config))
-    return jax.vmap(lambda hm: _postprocess_one(hm, model, config))(heatmaps)
+        return jax.tree_util.tree_map(lambda v: v[None], one(heatmaps[0]))
+    if jax.default_backend() == "cpu":
+        return lax.map(one, heatmaps)
+    return jax.vmap(one)(heatmaps)
 
 
 @functools.partial(jax.jit, static_argnames="config")

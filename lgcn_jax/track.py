@@ -73,6 +73,7 @@ class Tracker:
         self.frame_index += 1
         gray = load_gray(frame)
         kept: list[Face] = []
+        dropped: list[Face] = []
         if self.faces:
             followed = self.faces
             for _ in range(self.follow_passes):
@@ -83,18 +84,21 @@ class Tracker:
                 if float(np.mean(new.confidence)) >= self.min_confidence:
                     kept.append(dataclasses.replace(new, track_id=old.track_id))
                 else:
+                    dropped.append(old)
                     self._lost = True
         due = self._last_detection is None or self.frame_index - self._last_detection >= self.detect_every
         if due or self._lost:
             self._last_detection, self._lost = self.frame_index, False
-            kept = self._detect(gray, kept)
+            kept = self._detect(gray, kept, dropped)
         kept = _unique(kept)
         self.faces = kept
         ids = {f.track_id for f in kept}
         self._side_per_eyes = {k: v for k, v in self._side_per_eyes.items() if k in ids}
         return kept
 
-    def _detect(self, gray: np.ndarray, tracked: list[Face]) -> list[Face]:
+    def _detect(self, gray: np.ndarray, tracked: list[Face], dropped: list[Face]) -> list[Face]:
+        """``tracked`` plus the faces the detector finds elsewhere; a find on a tracked face takes over its track,
+        and one where a track was just dropped in this frame revives that track's id."""
         ratio = crop_lib.crop_ratio(self.model.config.data.dataset)
         size = self.model.config.data.image_size
         found = self.detector(gray)
@@ -113,9 +117,14 @@ class Tracker:
                     self._anchor(out[k])
                     tracked = [f for f in tracked if f.track_id != tid]
                 continue
-            out.append(dataclasses.replace(face, track_id=self._next_id))
+            revived = [f.track_id for f in dropped if _covers(f, _centre(face)) or _covers(face, _centre(f))]
+            if revived:
+                dropped = [f for f in dropped if f.track_id != revived[0]]
+                out.append(dataclasses.replace(face, track_id=revived[0]))
+            else:
+                out.append(dataclasses.replace(face, track_id=self._next_id))
+                self._next_id += 1
             self._anchor(out[-1])
-            self._next_id += 1
         return out
 
     def _anchor(self, face: Face) -> None:
