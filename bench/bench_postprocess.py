@@ -51,7 +51,9 @@ def main(argv=None) -> dict:
               ("full (global+20+7+blend)", PostprocessConfig())]
     for name, cfg in stages[-1:] if args.only_full else stages:
         t_batch = median_time(lambda h: postprocess(h, sm, cfg), hm_dev, repeats=args.repeats)
-        t_one = median_time(lambda h: postprocess(h, sm, cfg), hm_dev[:1], repeats=args.repeats)
+        # Batch 1: each of the first faces alone (their cost differs: a fit with an active order
+        # constraint needs the interior point), the mean of their medians.
+        t_one = np.mean([median_time(lambda h: postprocess(h, sm, cfg), hm_dev[i:i + 1], repeats=args.repeats) for i in range(min(8, args.batch))])
         rows.append({"stages": name, "jnp_batch_ms_per_face": 1e3 * t_batch / args.batch, "jnp_batch1_ms": 1e3 * t_one})
     n = min(args.reference_faces, args.batch)
     t = time.perf_counter()
@@ -63,7 +65,7 @@ def main(argv=None) -> dict:
                  "speedup_batch1": 1e3 * t_ref / full["jnp_batch1_ms"], "max_abs_diff_px": float(np.abs(got - want).max()),
                  "reference_faces": n})
     for r in rows:
-        line = f"{r['stages']:<26} jnp batch {args.batch}: {r['jnp_batch_ms_per_face']:7.2f} ms/face   batch 1: {r['jnp_batch1_ms']:7.2f} ms"
+        line = f"{r['stages']:<26} jnp batch {args.batch}: {r['jnp_batch_ms_per_face']:7.2f} ms/face   batch 1 (mean of 8 faces): {r['jnp_batch1_ms']:7.2f} ms"
         if "reference_ms_per_face" in r:
             line += (f"   NumPy/SciPy: {r['reference_ms_per_face']:8.1f} ms/face   speed-up {r['speedup_batched']:6.1f}x (batched), "
                      f"{r['speedup_batch1']:5.1f}x (batch 1)   max diff {r['max_abs_diff_px']:.4f} px")

@@ -6,11 +6,14 @@
 Pipeline: grayscale (any mode, EXIF orientation applied, so coordinates are those
 of the image as viewers show it) -> face boxes and rolls from a face detector
 (``lgcn_jax.detectors``; default YuNet, whose weights ship in the package; nothing is
-downloaded), run on a copy of at most 1280 pixels -> one square crop per face, cut from the full image, framed like the training crops of the model's dataset
-(``crop.crop_ratio``) -> ``predict`` on all crops of all images as one batch -> a second pass on crops
-re-cut from the first landmarks (centred on their bounding box, rolled upright by
-the eye line, side ``crop_ratio`` x its extent: the training framing) -> landmarks
-mapped back through each crop's affine map.
+downloaded), run on a copy of at most 1920 pixels -> one square crop per face, cut from
+the full image and framed like the training crops of the model's dataset
+(``crop.crop_ratio``) -> ``predict`` on all crops of all images as one batch -> a second
+pass on crops re-cut from the first landmarks (``crop.from_landmarks``: centred on their
+box, rolled upright by the eye line, the training framing) -> landmarks mapped back
+through each crop's affine map.
+
+Videos: ``lgcn_jax.track`` and ``lgcn-detect clip.mp4 --out DIR`` (``lgcn_jax.video``).
 """
 
 from __future__ import annotations
@@ -173,6 +176,7 @@ def main(argv=None) -> int:
     p.add_argument("images", nargs="+", metavar="IMAGE_OR_VIDEO",
                    help="photos (any format Pillow reads) and videos (.mp4, .avi, .mov, .mkv, .m4v, .webm; faces tracked from frame to frame)")
     p.add_argument("--out", required=True, help="folder for NAME.json and NAME_landmarks.png (videos: NAME.jsonl and NAME_landmarks.mp4)")
+    p.add_argument("--detector", default="yunet", help="face detector: yunet (default), yunet-jax, haar, dlib (lgcn_jax.detectors.DETECTORS)")
     p.add_argument("--detect_every", type=int, default=10, help="videos: frames between face detector runs (it also runs when a face is lost)")
     p.add_argument("--checkpoint", help="a checkpoint folder (default: the released weights, see lgcn_jax.load_pretrained)")
     p.add_argument("--overwrite", action="store_true", help="replace results already in --out")
@@ -185,7 +189,8 @@ def main(argv=None) -> int:
 
     try:
         model = load_model(args.checkpoint) if args.checkpoint else load_pretrained()
-    except (CheckpointError, ShapeModelError) as e:
+        detector = get_detector(args.detector)
+    except (CheckpointError, ShapeModelError, ValueError, ImportError) as e:
         print(f"lgcn-detect: error: {e}", file=sys.stderr)
         return 1
     os.makedirs(args.out, exist_ok=True)
@@ -208,7 +213,7 @@ def main(argv=None) -> int:
         if not is_video(path):
             continue
         try:
-            summary = annotate_video(path, args.out, model, name, detect_every=args.detect_every, progress=not args.no_progress)
+            summary = annotate_video(path, args.out, model, name, detector=detector, detect_every=args.detect_every, progress=not args.no_progress)
         except VideoError as e:
             print(f"lgcn-detect: {e}", file=sys.stderr)
             failed += 1
@@ -217,7 +222,7 @@ def main(argv=None) -> int:
     for path, name in tqdm(images, disable=args.no_progress or not images, unit="image"):
         try:
             image = open_image(path)  # decoded once for detection and drawing
-            faces = detect(image, model)
+            faces = detect(image, model, detector=detector)
         except ImageError as e:
             print(f"lgcn-detect: skipped {path}: {e}", file=sys.stderr)
             failed += 1

@@ -117,7 +117,7 @@ def test_faceless_tiny_and_flat_images_give_no_detection():
 
 def test_reduced_copy_maps_back_to_full_resolution():
     gray = np.asarray(Image.open(PHOTO).convert("L"))
-    big = cv2.resize(gray, None, fx=4, fy=4, interpolation=cv2.INTER_CUBIC)  # 2048x2400: searched at 1280
+    big = cv2.resize(gray, None, fx=4, fy=4, interpolation=cv2.INTER_CUBIC)  # 2048x2400: searched at 1920
     small, factor = reduce_image(big, 1280)
     assert max(small.shape) == 1280 and factor == pytest.approx(1280 / 2400, rel=1e-3)
     (d,) = YuNetDetector()(gray)
@@ -147,3 +147,15 @@ def test_a_50_megapixel_photo_in_bounded_memory(tmp_path):
     assert int(n) == 1 and int(width) > 2000  # the face, in full-resolution pixels
     # The RGB decode (150 MB) and its gray copy (50 MB) are the floor; searching at full size took 8.6 GB with Haar.
     assert int(grown_mb) < 700, grown_mb
+
+
+def test_cli_detector_by_name(tmp_path, capsys):
+    from lgcn_jax.detect import main
+
+    photo = str(tmp_path / "hopper.png")
+    Image.open(PHOTO).save(photo)
+    assert main([photo, "--out", str(tmp_path / "out"), "--detector", "retina", "--no_progress"]) == 1
+    assert "unknown face detector 'retina'" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "hopper.json").exists()
+    assert main([photo, "--out", str(tmp_path / "out"), "--detector", "haar", "--no_progress"]) == 0
+    assert "1 face(s)" in capsys.readouterr().out
