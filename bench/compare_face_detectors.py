@@ -75,7 +75,7 @@ def lm_box(p):
 def w300_list(data, limit):
     out = []
     for sub in SUBSETS:
-        for jpg in sorted(glob.glob(os.path.join(data, sub, "*.jpg")))[:limit]:
+        for jpg in sorted(glob.glob(os.path.join(data, sub, "*.jpg")))[: limit or None]:
             out.append((sub, jpg, jpg[:-4] + ".pts"))
     return out
 
