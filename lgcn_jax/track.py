@@ -82,7 +82,7 @@ class Tracker:
                             zip(followed, landmarks(self.model, [gray], [0] * len(maps), maps, [f.score for f in followed], 0, self.batch_size))]
             for old, new in zip(self.faces, followed):
                 if float(np.mean(new.confidence)) >= self.min_confidence:
-                    kept.append(dataclasses.replace(new, track_id=old.track_id))
+                    kept.append(new)
                 else:
                     dropped.append(old)
                     self._lost = True

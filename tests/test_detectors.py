@@ -113,6 +113,9 @@ def test_faceless_tiny_and_flat_images_give_no_detection():
                 cv2.cvtColor(_blobs(480, 640, seed=1), cv2.COLOR_BGR2GRAY)):
         for name in ("yunet", "yunet-jax", "haar"):
             assert get_detector(name)(img) == [], (name, img.shape)
+    import lgcn_jax
+
+    assert lgcn_jax.detect(np.zeros((1, 1), np.uint8)) == [] and lgcn_jax.detect(np.zeros((300, 7), np.uint8)) == []
 
 
 def test_reduced_copy_maps_back_to_full_resolution():
