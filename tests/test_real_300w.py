@@ -78,19 +78,14 @@ def test_detect_on_real_photos_finds_every_face_and_keeps_the_accuracy_of_ground
     import compare_end_to_end as e2e
 
     import lgcn_jax
-    from lgcn_jax import crop as crop_lib
-    from lgcn_jax.detect import landmarks
     from lgcn_jax.image_io import load_gray
 
     model = lgcn_jax.load_pretrained()
-    size, ratio = model.config.data.image_size, crop_lib.crop_ratio(model.config.data.dataset)
     paths = [p for sub in e2e.SUBSETS for p in sorted(glob.glob(os.path.join(PARTIAL, sub, "*.jpg")))[:60]]
     gt_box, found = [], []
     for path in paths:
         gray, truth = load_gray(path), e2e.read_pts(os.path.splitext(path)[0] + ".pts")
-        lo, hi = truth.min(0), truth.max(0)
-        (face,) = landmarks(model, [gray], [0], [crop_lib.similarity((lo + hi) / 2, float((hi - lo).max()) * ratio, 0.0, size)], [1.0], refine=0)
-        gt_box.append(e2e.nme(face.landmarks, truth))
+        gt_box.append(e2e.nme(e2e.from_ground_truth(model, gray, truth), truth))
         match = e2e.nearest([f.landmarks for f in lgcn_jax.detect(gray, model)], truth)
         found.append(None if match is None else e2e.nme(match, truth))
     assert all(f is not None for f in found), sum(f is None for f in found)
