@@ -1,7 +1,6 @@
 """Face detectors by name; the JAX YuNet against OpenCV's; huge, tiny and faceless photos."""
 
 import os
-import resource
 import subprocess
 import sys
 
