@@ -108,7 +108,7 @@ class Tracker:
         for face in sorted(faces, key=lambda f: -float(np.mean(f.confidence))):
             if float(np.mean(face.confidence)) < self.min_confidence:
                 continue
-            same = [k for k, f in enumerate(out) if _covers(f, _centre(face)) or _covers(face, _centre(f))]
+            same = [k for k, f in enumerate(out) if _same_face(f, face)]
             if same:
                 k = same[0]
                 if out[k].track_id in {f.track_id for f in tracked}:  # not yet taken over by a stronger detection
@@ -117,7 +117,7 @@ class Tracker:
                     self._anchor(out[k])
                     tracked = [f for f in tracked if f.track_id != tid]
                 continue
-            revived = [f.track_id for f in dropped if _covers(f, _centre(face)) or _covers(face, _centre(f))]
+            revived = [f.track_id for f in dropped if _same_face(f, face)]
             if revived:
                 dropped = [f for f in dropped if f.track_id != revived[0]]
                 out.append(dataclasses.replace(face, track_id=revived[0]))
@@ -152,6 +152,11 @@ def _centre(face: Face) -> np.ndarray:
 def _covers(face: Face, point: np.ndarray) -> bool:
     """Whether ``point`` lies within half a face size of the face's centre (the same face)."""
     return bool(np.linalg.norm(np.asarray(point) - _centre(face)) < 0.5 * float(np.max(face.box[2:] - face.box[:2])))
+
+
+def _same_face(a: Face, b: Face) -> bool:
+    """Whether either face's centre lies within half the other's size of it."""
+    return _covers(a, _centre(b)) or _covers(b, _centre(a))
 
 
 def _unique(faces: list[Face]) -> list[Face]:
