@@ -4,10 +4,11 @@
 
 Times, after warm-up and as medians, on this machine's first device:
   * the whole step: ``apply`` (inference), the training-mode forward, loss + gradients, the full
-    ``train_step``, and ``train_step`` with the on-device augmentation of the TF-free pipeline;
+    ``train_step``, ``train_step`` with the on-device augmentation of the TF-free pipeline, and
+    ``train_step`` with the global subnet as dilated convolutions instead of on sub-grids;
   * every kind of layer of the network on its own, forward, input gradient (dx) and weight
     gradient (dw), times the number of such layers: the 5x5 and 3x3 local convolutions, the
-    dilated global ones, the blur (``kernel_conv``), BatchNorm + ReLU + dropout;
+    dilated global ones (also as plain convolutions on sub-grids), the blur (``kernel_conv``), BatchNorm + ReLU + dropout;
   * XLA's own FLOP and byte counts of the compiled forward and step.
 Needs no TensorFlow.  Writes bench/results_profile.json (with the device) and, with --trace,
 a jax.profiler trace for TensorBoard or Perfetto.
@@ -16,6 +17,7 @@ a jax.profiler trace for TensorBoard or Perfetto.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 
@@ -67,6 +69,9 @@ def layer_breakdown(cfg, b: int) -> list[dict]:
         d = m.global_dilation
         add(f"conv3x3 dil{d} 2L->F", 1, _conv(d), (b, s, s, 2 * n), (3, 3, 2 * n, f))
         add(f"conv3x3 dil{d} F->F", m.global_layers - 1, _conv(d), (b, s, s, f), (3, 3, f, f))
+        if s % d == 0:  # what the network runs instead (model.dilation_as_phases); here transformed per layer
+            add(f"conv3x3 dil{d} F->F on phases", m.global_layers - 1,
+                lambda x, w: network.from_phases(_conv(1)(network.to_phases(x, d), w), d), (b, s, s, f), (3, 3, f, f))
     kernel = network.model_kernel(m)
     add("kernel_conv (blur) 2L", 1, lambda x, w: lgcn_jax.kernel_conv(x, kernel) * w, (b, s, s, 2 * n), ())
 
@@ -122,6 +127,12 @@ def main(argv=None) -> dict:
         return m
     r["train_step"] = median_time(lambda: steps(batch, None), repeats=args.repeats)
     r["train_step_device_augment"] = median_time(lambda: steps(raw, DataConfig(image_size=s)), repeats=args.repeats)
+    m = cfg.model
+    if m.dilation_as_phases and m.global_dilation > 1 and s % m.global_dilation == 0:
+        # The same step with the global subnet as dilated convolutions (model.dilation_as_phases=false).
+        state = state.replace(net=state.net.replace(config=dataclasses.replace(m, dilation_as_phases=False)))
+        r["train_step_dilated_convs"] = median_time(lambda: steps(batch, None), repeats=args.repeats)
+        state = state.replace(net=state.net.replace(config=m))
     result = {"machine": machine(), "preset": args.preset, "overrides": args.config, "batch": b, "image_size": s,
               "seconds": r, "images_per_s": {k: b / v for k, v in r.items()},
               "over_apply": {k: v / r["apply"] for k, v in r.items()},

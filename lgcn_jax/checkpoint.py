@@ -112,7 +112,8 @@ def check_workdir_config(workdir: str, config: Config) -> Config | None:
         return None
     stored = read_config(workdir)
     d_stored, d_new = config_to_dict(stored), config_to_dict(config)
-    problems = _diff(d_stored["model"], d_new["model"], "model.")
+    # dilation_as_phases changes how the network runs, not its function or weights: either may resume the other.
+    problems = _diff({k: v for k, v in d_stored["model"].items() if k != "dilation_as_phases"}, d_new["model"], "model.")
     for field in ("image_size", "dataset"):
         if getattr(stored.data, field) != getattr(config.data, field):
             problems.append(f"data.{field}: stored {getattr(stored.data, field)!r}, requested {getattr(config.data, field)!r}")

@@ -48,6 +48,11 @@ class ModelConfig:
     bn_momentum: float = 0.0
     bn_epsilon: float = 1e-5
     init_scale: float = 0.141421  # multiplies the He-normal std of every conv
+    # How the dilated global convolutions run, not what they compute: True runs the global subnet on
+    # the dilation x dilation interleaved sub-grids of its input as separate images (plain 3x3 convs;
+    # when the map side divides by the dilation), False uses dilated convolutions.  Same function and
+    # weights either way; see network.to_phases for why.
+    dilation_as_phases: bool = True
 
 
 @dataclasses.dataclass(frozen=True)

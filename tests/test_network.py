@@ -101,3 +101,44 @@ def test_recalibrated_batch_stats_are_population_statistics():
     assert jax.tree_util.tree_structure(new.batch_stats) == jax.tree_util.tree_structure(p.batch_stats)
     with pytest.raises(ValueError, match="at least one batch"):
         network.recalibrate_batch_stats(p, iter([]))
+
+
+def _dilated_convs(params, x) -> int:
+    """How many convolutions with rhs dilation > 1 the training forward pass traces."""
+    jaxpr = jax.make_jaxpr(lambda p, x: lgcn_jax.apply_train(p, x, jax.random.key(0)))(params, x)
+    return str(jaxpr).count("rhs_dilation=(") - str(jaxpr).count("rhs_dilation=(1, 1)")
+
+
+@pytest.mark.parametrize("dilation, hw, phased", [(4, (32, 32), True), (2, (24, 40), True), (4, (30, 32), False)])
+def test_global_subnet_on_phases_equals_dilated_convolutions(dilation, hw, phased):
+    """The global subnet run on interleaved sub-grids computes what dilated convolutions compute, with
+    the same weights: inference output, training output, batch statistics and every gradient.  A map
+    side that does not divide by the dilation runs the dilated convolutions."""
+    m = dataclasses.replace(tiny_config().model, global_layers=2, global_dilation=dilation)
+    on = lgcn_jax.init(jax.random.key(0), m)
+    off = on.replace(config=dataclasses.replace(m, dilation_as_phases=False))
+    x = jax.random.uniform(jax.random.key(1), (2, *hw, 1))
+    assert _dilated_convs(off, x) == 2 and _dilated_convs(on, x) == (0 if phased else 2)
+    np.testing.assert_allclose(lgcn_jax.apply(on, x), lgcn_jax.apply(off, x), rtol=1e-5, atol=1e-6)
+    for a, b in zip(jax.tree_util.tree_leaves(lgcn_jax.apply_train(on, x, jax.random.key(2))),
+                    jax.tree_util.tree_leaves(lgcn_jax.apply_train(off, x, jax.random.key(2)))):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+    def loss(params, net):
+        o1, o2, _ = lgcn_jax.apply_train(net.replace(params=params), x, jax.random.key(2))
+        return jnp.sum(o2 * jnp.cos(jnp.arange(o2.size).reshape(o2.shape)))  # no symmetry to hide a permutation
+
+    g_on, g_off = jax.grad(loss)(on.params, on), jax.grad(loss)(off.params, off)
+    # Biases of convolutions that feed a BatchNorm are left out: BN cancels them, their gradient is round-off.
+    for name, leaf in [("global_0_conv", "kernel"), ("global_1_conv", "kernel"), ("global_1_bn", "scale"),
+                       ("head_global", "kernel"), ("head_global", "bias"), ("local5_0_conv", "kernel")]:
+        a, b = np.asarray(g_on[name][leaf]), np.asarray(g_off[name][leaf])
+        np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4 * np.abs(b).max())
+
+
+def test_phases_round_trip():
+    x = jax.random.normal(jax.random.key(0), (2, 12, 8, 3))
+    p = network.to_phases(x, 4)
+    assert p.shape == (32, 3, 2, 3)
+    np.testing.assert_array_equal(p[1 * 4 + 2], x[0, 1::4, 2::4])  # image 0, sub-grid (row 1, column 2)
+    np.testing.assert_array_equal(network.from_phases(p, 4), x)

@@ -176,3 +176,10 @@ def test_workdir_of_another_dataset_is_refused(trained_workdir):
     other = dataclasses.replace(stored, data=dataclasses.replace(stored.data, dataset="300w"))
     with pytest.raises(lgcn_jax.CheckpointError, match="data.dataset: stored 'synthetic', requested '300w'"):
         checkpoint.check_workdir_config(trained_workdir, other)
+
+
+def test_workdir_resumes_with_either_dilation_layout(trained_workdir):
+    """model.dilation_as_phases changes how the network runs, not what it computes: no refusal."""
+    stored = checkpoint.read_config(trained_workdir)
+    other = dataclasses.replace(stored, model=dataclasses.replace(stored.model, dilation_as_phases=not stored.model.dilation_as_phases))
+    assert checkpoint.check_workdir_config(trained_workdir, other) == stored
