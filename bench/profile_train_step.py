@@ -32,6 +32,9 @@ from lgcn_jax import network, train
 from lgcn_jax.config import DataConfig
 
 
+PARTS = ("apply", "forward_train_mode", "loss_and_grads", "train_step", "train_step_device_augment", "train_step_dilated_convs")
+
+
 def _conv(dilation):
     def f(x, w):
         return jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", rhs_dilation=(dilation, dilation),
@@ -100,7 +103,9 @@ def main(argv=None) -> dict:
     p.add_argument("--config", nargs="*", default=[])
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--parts", help=f"comma-separated subset of the whole-step timings (default all: {','.join(PARTS)})")
     p.add_argument("--no_layers", action="store_true", help="skip the per-layer breakdown")
+    p.add_argument("--no_cost", action="store_true", help="skip XLA's cost analysis (two more compilations)")
     p.add_argument("--trace", help="also write a jax.profiler trace of 3 train steps to this folder")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results_profile.json"))
     args = p.parse_args(argv)
@@ -117,30 +122,43 @@ def main(argv=None) -> dict:
     loss_scale = cfg.train.loss_scale
     grad_fn = jax.jit(jax.value_and_grad(train.loss, has_aux=True), static_argnums=4)
     fwd_train = jax.jit(lambda n, x: network.apply_train(n, x, jax.random.key(0))[1])
-    r = {"apply": median_time(lgcn_jax.apply, net, images, repeats=args.repeats),
-         "forward_train_mode": median_time(fwd_train, net, images, repeats=args.repeats),
-         "loss_and_grads": median_time(grad_fn, net.params, net, batch, jax.random.key(0), loss_scale, repeats=args.repeats)}
+    parts = set(args.parts.split(",")) if args.parts else set(PARTS)
+    if parts - set(PARTS):
+        p.error(f"unknown --parts {sorted(parts - set(PARTS))}; choose from {','.join(PARTS)}")
 
     def steps(batch, augment):
         nonlocal state
         state, m = train.train_step(state, batch, loss_scale, augment)
         return m
-    r["train_step"] = median_time(lambda: steps(batch, None), repeats=args.repeats)
-    r["train_step_device_augment"] = median_time(lambda: steps(raw, DataConfig(image_size=s)), repeats=args.repeats)
-    m = cfg.model
-    if m.dilation_as_phases and m.global_dilation > 1 and s % m.global_dilation == 0:
-        # The same step with the global subnet as dilated convolutions (model.dilation_as_phases=false).
+
+    def dilated_step():  # the global subnet as dilated convolutions (model.dilation_as_phases=false)
+        nonlocal state
+        m = cfg.model
         state = state.replace(net=state.net.replace(config=dataclasses.replace(m, dilation_as_phases=False)))
-        r["train_step_dilated_convs"] = median_time(lambda: steps(batch, None), repeats=args.repeats)
-        state = state.replace(net=state.net.replace(config=m))
+        try:
+            return median_time(lambda: steps(batch, None), repeats=args.repeats)
+        finally:
+            state = state.replace(net=state.net.replace(config=m))
+
+    timers = {"apply": lambda: median_time(lgcn_jax.apply, net, images, repeats=args.repeats),
+              "forward_train_mode": lambda: median_time(fwd_train, net, images, repeats=args.repeats),
+              "loss_and_grads": lambda: median_time(grad_fn, net.params, net, batch, jax.random.key(0), loss_scale, repeats=args.repeats),
+              "train_step": lambda: median_time(lambda: steps(batch, None), repeats=args.repeats),
+              "train_step_device_augment": lambda: median_time(lambda: steps(raw, DataConfig(image_size=s)), repeats=args.repeats),
+              "train_step_dilated_convs": dilated_step}
+    m = cfg.model
+    if not (m.dilation_as_phases and m.global_dilation > 1 and s % m.global_dilation == 0):
+        parts.discard("train_step_dilated_convs")  # the network runs dilated convolutions anyway
+    r = {k: timers[k]() for k in PARTS if k in parts}
     result = {"machine": machine(), "preset": args.preset, "overrides": args.config, "batch": b, "image_size": s,
               "seconds": r, "images_per_s": {k: b / v for k, v in r.items()},
-              "over_apply": {k: v / r["apply"] for k, v in r.items()},
-              "xla_cost": {"apply": cost(lgcn_jax.apply, net, images),
-                           "loss_and_grads": cost(lambda p: jax.value_and_grad(train.loss, has_aux=True)(p, net, batch, jax.random.key(0), loss_scale), net.params)}}
+              "over_apply": {k: v / r["apply"] for k, v in r.items()} if "apply" in r else {},
+              "xla_cost": {} if args.no_cost else {
+                  "apply": cost(lgcn_jax.apply, net, images),
+                  "loss_and_grads": cost(lambda p: jax.value_and_grad(train.loss, has_aux=True)(p, net, batch, jax.random.key(0), loss_scale), net.params)}}
     print(f"{result['machine']['device']}  {args.preset}  batch {b}  {s} px")
     for k, v in r.items():
-        print(f"  {k:<28}{1e3 * v:10.2f} ms {b / v:10.1f} img/s {v / r['apply']:7.2f}x apply")
+        print(f"  {k:<28}{1e3 * v:10.2f} ms {b / v:10.1f} img/s" + (f"{v / r['apply']:7.2f}x apply" if "apply" in r else ""))
     if not args.no_layers:
         rows = layer_breakdown(cfg, b)
         result["layers"] = rows
