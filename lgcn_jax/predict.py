@@ -123,7 +123,7 @@ def load_pretrained(name: str = PRETRAINED) -> Model:
     """The released weights under ``checkpoints/NAME`` (or ``$LGCN_CHECKPOINTS/NAME``).
 
     The default, ``300w_cpu``, is an interim release trained on real 300-W faces on two CPU
-    cores (the ``cpu`` preset, 64x64 crops): 4.39% inter-ocular NME on the 300-W common subset
+    cores (the ``cpu`` preset, 64x64 crops): 4.09% inter-ocular NME on the 300-W common subset
     with the shape model.  ``synthetic_quick`` is the quick preset trained on the synthetic
     faces of ``data_prep`` (for tests and the offline demo; not for real photos).
     checkpoints/README.md gives their training commands and numbers, and the 300-W licence
