@@ -8,7 +8,8 @@ Times, after warm-up and as medians, on this machine's first device:
     ``train_step`` with the global subnet as dilated convolutions instead of on sub-grids;
   * every kind of layer of the network on its own, forward, input gradient (dx) and weight
     gradient (dw), times the number of such layers: the 5x5 and 3x3 local convolutions, the
-    dilated global ones (also as plain convolutions on sub-grids), the blur (``kernel_conv``), BatchNorm + ReLU + dropout;
+    dilated global ones (also as plain convolutions on sub-grids), the blur (``kernel_conv``),
+    BatchNorm + ReLU + dropout;
   * XLA's own FLOP and byte counts of the compiled forward and step.
 Needs no TensorFlow.  Writes bench/results_profile.json (with the device) and, with --trace,
 a jax.profiler trace for TensorBoard or Perfetto.

@@ -3,8 +3,9 @@
 Local-context subnet (5x5 then 3x3 conv-BN-ReLU blocks) -> two 1x1 heads ->
 kernel convolution (fixed 45x45 blur, scaled by 0.01) -> global-context subnet
 of dilated 3x3 blocks on both blurred heads -> 1x1 conv, added to the blurred
-main head.  The global subnet runs on interleaved sub-grids (``to_phases``), which is the
-same function with faster gradients on GPUs.  docs/architecture.md has the table and its sources.
+main head.  The global subnet runs on interleaved sub-grids (``to_phases``): the same function
+without dilated convolutions, whose weight gradients miss cuDNN's kernels on GPUs.
+docs/architecture.md has the table and its sources.
 """
 
 from __future__ import annotations
