@@ -23,7 +23,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-from lgcn_jax.config import Config, config_from_dict, config_to_dict
+from lgcn_jax.config import EXECUTION_FIELDS, Config, config_from_dict, config_to_dict
 
 __all__ = ["CheckpointError", "check_workdir_config", "write_config", "read_config", "Checkpoints", "load_params", "export_params"]
 
@@ -112,8 +112,7 @@ def check_workdir_config(workdir: str, config: Config) -> Config | None:
         return None
     stored = read_config(workdir)
     d_stored, d_new = config_to_dict(stored), config_to_dict(config)
-    # dilation_as_phases changes how the network runs, not its function or weights: either may resume the other.
-    problems = _diff({k: v for k, v in d_stored["model"].items() if k != "dilation_as_phases"}, d_new["model"], "model.")
+    problems = _diff({k: v for k, v in d_stored["model"].items() if k not in EXECUTION_FIELDS}, d_new["model"], "model.")
     for field in ("image_size", "dataset"):
         if getattr(stored.data, field) != getattr(config.data, field):
             problems.append(f"data.{field}: stored {getattr(stored.data, field)!r}, requested {getattr(config.data, field)!r}")

@@ -18,6 +18,7 @@ __all__ = [
     "PostprocessConfig",
     "Config",
     "PRESETS",
+    "EXECUTION_FIELDS",
     "get_config",
     "apply_overrides",
     "config_to_dict",
@@ -53,6 +54,11 @@ class ModelConfig:
     # when the map side divides by the dilation), False uses dilated convolutions.  Same function and
     # weights either way; see network.to_phases for why.
     dilation_as_phases: bool = True
+
+
+# ModelConfig fields that choose how the network runs, not its function or weights: a checkpoint
+# made with one value restores, resumes and evaluates with any other.
+EXECUTION_FIELDS = frozenset({"dilation_as_phases"})
 
 
 @dataclasses.dataclass(frozen=True)
