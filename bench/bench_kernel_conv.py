@@ -8,10 +8,9 @@ Prints a table and writes bench/results_kernel_conv.json; every ratio is measure
 from __future__ import annotations
 
 import argparse
-import json
 import os
 
-from common import machine, median_time
+from common import machine, median_time, write_results
 
 import jax
 import jax.numpy as jnp
@@ -47,9 +46,7 @@ def main(argv=None) -> dict:
             rows.append({"batch": b, "pass": name, "ours_s": tf, "direct_s": td, "speedup": td / tf, "rel_err": err})
             print(f"B={b:<3} {name:<9} ours {tf * 1e3:9.1f} ms   direct {td * 1e3:10.1f} ms   speed-up {td / tf:7.1f}x   rel.err {err:.1e}", flush=True)
     result = {"machine": machine(), "kernel": repr(k), "shape": [args.size, args.size, args.channels], "rows": rows}
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=1)
-    return result
+    return write_results(result, args.out)
 
 
 if __name__ == "__main__":

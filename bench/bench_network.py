@@ -11,10 +11,9 @@ matmul and a 3x3 convolution of the network's own width.  Writes bench/results_n
 from __future__ import annotations
 
 import argparse
-import json
 import os
 
-from common import machine, median_time
+from common import machine, median_time, write_results
 
 import jax
 import numpy as np
@@ -85,9 +84,7 @@ def main(argv=None) -> dict:
           + ", ".join(f"{k} {v / 1e9:.1f} G" for k, v in peak.items()))
     result = {"machine": machine(), "preset": args.preset, "overrides": args.config, "image_size": size,
               "num_parameters": params.num_parameters(), "flops_per_image": flops, "peak": peak, "rows": rows}
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=1)
-    return result
+    return write_results(result, args.out)
 
 
 if __name__ == "__main__":

@@ -10,11 +10,10 @@ writes bench/results_postprocess.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 
-from common import machine, median_time
+from common import machine, median_time, write_results
 
 import jax.numpy as jnp
 import numpy as np
@@ -72,9 +71,7 @@ def main(argv=None) -> dict:
         print(line, flush=True)
     result = {"machine": machine(), "batch": args.batch, "size": args.size, "constraints": int(sm.lower.shape[0]),
               "reference_constraints": int(len(rm["pairs"])), "rows": rows}
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=1)
-    return result
+    return write_results(result, args.out)
 
 
 if __name__ == "__main__":

@@ -11,12 +11,11 @@ TensorFlow is installed, else NumPy batches whose augmentation runs inside the t
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import time
 
-from common import machine
+from common import machine, write_results
 
 import jax
 
@@ -80,9 +79,7 @@ def main(argv=None) -> dict:
     result = {"machine": machine(), "preset": args.preset, "overrides": overrides, "pipeline": pipeline, "image_size": cfg.data.image_size,
               "batch": cfg.train.batch_size, "train_images_per_s": consume, "first_step_s": compile_s,
               "pipeline_images_per_s": produce, "pipeline_over_step": produce / consume, "verdict": bound}
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=1)
-    return result
+    return write_results(result, args.out)
 
 
 if __name__ == "__main__":

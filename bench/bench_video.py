@@ -12,12 +12,11 @@ Writes bench/results_video.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import tempfile
 import time
 
-from common import machine
+from common import machine, write_results
 
 import cv2
 import matplotlib
@@ -75,9 +74,7 @@ def main(argv=None) -> dict:
     print(f"{args.size}, {args.frames} frames: track {result['track_fps']:.1f} fps, detect on every frame {result['detect_every_frame_fps']:.1f} fps, "
           f"lgcn-detect video (decode + track + JSON + annotated mp4) {result['lgcn_detect_video_fps']:.1f} fps; "
           f"frames with the face: track {result['frames_with_a_face']['track']}, detect {result['frames_with_a_face']['detect']}")
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=1)
-    return result
+    return write_results(result, args.out)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
-"""Shared helpers of the benchmarks: warm-up + median timing, machine description, peak RSS."""
+"""Shared helpers of the benchmarks: warm-up + median timing, machine description, peak RSS, writing results."""
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import resource
@@ -65,3 +66,10 @@ def peak_rss_mib() -> float:
     if kib is None:
         kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # Linux reports KiB
     return kib / 1024.0
+
+
+def write_results(result: dict, path: str) -> dict:
+    """Write a benchmark's ``result`` as indented JSON to ``path`` (the machine it ran on is in it) and return it."""
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1)
+    return result

@@ -19,11 +19,10 @@ from __future__ import annotations
 
 import argparse
 import glob
-import json
 import os
 import time
 
-from common import machine
+from common import machine, write_results
 
 import matplotlib
 import numpy as np
@@ -164,9 +163,7 @@ def main(argv=None) -> dict:
                   f"(HELEN {100 * r['nme_by_subset']['helen']:.2f}%, LFPW {100 * r['nme_by_subset']['lfpw']:.2f}%)  {ms}", flush=True)
     print(f"detect / gt-box NME on the same faces: {result['detect_over_gt_box_same_faces']:.3f}; "
           f"640x480 photo with one face: {result['one_face_640x480_ms']:.0f} ms (detector + landmarks)")
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=1)
-    return result
+    return write_results(result, args.out)
 
 
 if __name__ == "__main__":

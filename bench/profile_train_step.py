@@ -19,10 +19,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 
-from common import machine, median_time
+from common import machine, median_time, write_results
 
 import jax
 import jax.numpy as jnp
@@ -172,9 +171,7 @@ def main(argv=None) -> dict:
             for _ in range(3):
                 jax.block_until_ready(steps(batch, None))
         result["trace"] = os.path.abspath(args.trace)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=1)
-    return result
+    return write_results(result, args.out)
 
 
 if __name__ == "__main__":

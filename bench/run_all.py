@@ -23,7 +23,7 @@ import bench_kernel_conv  # noqa: E402
 import bench_network  # noqa: E402
 import bench_postprocess  # noqa: E402
 import bench_train  # noqa: E402
-from common import machine  # noqa: E402
+from common import machine, write_results  # noqa: E402
 
 
 def memory(what: str, args: list[str]) -> dict:
@@ -75,8 +75,7 @@ def main(argv=None) -> dict:
     for k, v in results["memory"].items():
         print(f"peak RSS {k} ({v['preset']}, batch {v['batch']}): {v['peak_rss_mib']:.0f} MiB (after setup {v['baseline_rss_mib']:.0f} MiB)")
     print("\n" + summary(results))
-    with open(args.out, "w") as f:
-        json.dump(results, f, indent=1)
+    write_results(results, args.out)
     print(f"\nwritten {args.out}")
     return results
 
