@@ -108,9 +108,16 @@ class YuNetDetector:
 
         from lgcn_jax.yunet import ONNX
 
+        # OpenCV zero-pads to multiples of 32 itself, but where a side pads to only 32 (one cell of the
+        # stride-32 head) its output depends on memory left by earlier calls: a flat 7x300 image gave
+        # "faces" at score 1.0 in some calls and none in others.  Padding such sides to 64 ourselves
+        # gives the same output every time; larger inputs are padded as OpenCV would.
+        ph, pw = max(64, -(-h // 32) * 32), max(64, -(-w // 32) * 32)
+        if (ph, pw) != (h, w):
+            bgr = cv2.copyMakeBorder(bgr, 0, ph - h, 0, pw - w, cv2.BORDER_CONSTANT, value=0)
         if self._cv is None:
-            self._cv = cv2.FaceDetectorYN.create(ONNX, "", (w, h), self.score_threshold, self.nms_threshold, 5000)
-        self._cv.setInputSize((w, h))
+            self._cv = cv2.FaceDetectorYN.create(ONNX, "", (pw, ph), self.score_threshold, self.nms_threshold, 5000)
+        self._cv.setInputSize((pw, ph))
         _, faces = self._cv.detect(bgr)
         if faces is None:
             return np.zeros((0, 4), np.float32), np.zeros((0, 5, 2), np.float32), np.zeros((0,), np.float32)

@@ -117,6 +117,26 @@ def test_faceless_tiny_and_flat_images_give_no_detection():
     assert lgcn_jax.detect(np.zeros((1, 1), np.uint8)) == [] and lgcn_jax.detect(np.zeros((300, 7), np.uint8)) == []
 
 
+def test_opencv_yunet_does_not_depend_on_what_it_saw_before():
+    """A side that pads to 32: OpenCV's result then depends on memory left by earlier calls (after one random
+    image, a flat 7x300 image gave 2-3 raw "faces" on every call, and in CI one passed the degenerate-box filter
+    at score 1.0); we pad such sides to 64.  Larger inputs: the same output as OpenCV's own padding."""
+    gray = np.asarray(Image.open(PHOTO).convert("L"))[40:441, 60:437]  # 401x377, the face inside
+    for img in (np.full((7, 300), 200, np.uint8), gray):
+        bgr = np.repeat(img[..., None], 3, axis=2)
+        det = YuNetDetector()
+        want = det._faces(bgr)
+        assert len(want[2]) == len(det(img)) == (img is gray)
+        for seed, (h, w) in enumerate([(64, 320), (608, 512), (32, 320)]):
+            det._cv.setInputSize((w, h))
+            det._cv.detect(np.random.default_rng(seed).integers(0, 256, (h, w, 3)).astype(np.uint8))
+            got = det._faces(bgr)
+            assert all(np.array_equal(a, b) for a, b in zip(got, want)), (img.shape, (h, w), got[2])
+    det._cv.setInputSize(bgr.shape[1::-1])
+    _, faces = det._cv.detect(bgr)  # 401x377: OpenCV pads to 416x384 itself
+    assert np.array_equal(faces[:, :4], want[0]) and np.array_equal(faces[:, 14], want[2])
+
+
 def test_reduced_copy_maps_back_to_full_resolution():
     gray = np.asarray(Image.open(PHOTO).convert("L"))
     big = cv2.resize(gray, None, fx=4, fy=4, interpolation=cv2.INTER_CUBIC)  # 2048x2400: searched at 1920
