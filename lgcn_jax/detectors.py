@@ -139,7 +139,7 @@ class YuNetDetector:
         for (x, y, bw, bh), pts, score in zip(boxes, points, scores):
             side = float(max(bw, bh))
             if not (np.all(np.isfinite(pts)) and np.isfinite([x, y]).all() and 1.0 <= side <= 4 * max(small.shape)):
-                continue  # a degenerate box (seen on a 7-pixel-high image)
+                continue  # a degenerate box (OpenCV gave some on a 7-pixel-high image before _faces padded it to 64)
             eyes = pts[1] - pts[0]
             angle = float(np.arctan2(eyes[1], eyes[0]))
             # The shift is along the face's own downward axis.
