@@ -178,7 +178,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True, help="folder for NAME.json and NAME_landmarks.png (videos: NAME.jsonl and NAME_landmarks.mp4)")
     p.add_argument("--detector", default="yunet", help="face detector: yunet (default), yunet-jax, haar, dlib (lgcn_jax.detectors.DETECTORS)")
     p.add_argument("--detect_every", type=int, default=10, help="videos: frames between face detector runs (it also runs when a face is lost)")
-    p.add_argument("--checkpoint", help="a checkpoint folder (default: the released weights, see lgcn_jax.load_pretrained)")
+    p.add_argument("--checkpoint", help="a checkpoint folder, or the name of released weights such as 300w_cpu (the small network, "
+                                        "fast on a CPU); default: 300w_paper (lgcn_jax.load_pretrained)")
     p.add_argument("--overwrite", action="store_true", help="replace results already in --out")
     p.add_argument("--no_progress", action="store_true")
     args = p.parse_args(argv)
@@ -188,7 +189,12 @@ def main(argv=None) -> int:
     from lgcn_jax.shape_model import ShapeModelError
 
     try:
-        model = load_model(args.checkpoint) if args.checkpoint else load_pretrained()
+        if not args.checkpoint:
+            model = load_pretrained()
+        elif os.path.isdir(args.checkpoint) or os.sep in args.checkpoint:
+            model = load_model(args.checkpoint)
+        else:  # a bare name that is no folder here: released weights (the error lists the names there are)
+            model = load_pretrained(args.checkpoint)
         detector = get_detector(args.detector)
     except (CheckpointError, ShapeModelError, ValueError, ImportError) as e:
         print(f"lgcn-detect: error: {e}", file=sys.stderr)

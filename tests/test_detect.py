@@ -168,8 +168,23 @@ def test_cli_writes_json_and_png_and_keeps_existing(tmp_path, capsys):
     assert (out / "hopper.json").read_text() == before
 
 
+def test_cli_checkpoint_by_released_name(tmp_path, capsys):
+    """--checkpoint takes a folder or a released name (300w_cpu: the small network for CPUs); an unknown name lists them."""
+    photo = tmp_path / "hopper.jpg"
+    shutil.copy(PHOTO, photo)
+    assert main([str(photo), "--out", str(tmp_path / "a"), "--checkpoint", "300w_cpu", "--no_progress"]) == 0
+    small = lgcn_jax.load_pretrained("300w_cpu")
+    expected = detect(str(photo), small)[0].landmarks
+    np.testing.assert_allclose(json.loads((tmp_path / "a" / "hopper.json").read_text())["faces"][0]["landmarks"], expected, atol=0.006)  # JSON keeps 2 decimals
+    assert main([str(photo), "--out", str(tmp_path / "b"), "--checkpoint", "300w_nope", "--no_progress"]) == 1
+    err = capsys.readouterr().err
+    assert "no released checkpoint '300w_nope'" in err and "300w_cpu" in err and "300w_paper" in err
+    assert main([str(photo), "--out", str(tmp_path / "c"), "--checkpoint", str(tmp_path / "nowhere"), "--no_progress"]) == 1
+
+
 def test_pretrained_loader_errors(tmp_path, monkeypatch):
     assert lgcn_jax.load_pretrained().config.data.dataset == "300w"  # the default: real faces
+    assert lgcn_jax.load_pretrained().config.model.num_filters == 128  # ... with the paper's network (300w_paper)
     assert lgcn_jax.load_pretrained("synthetic_quick").config.data.dataset == "synthetic"
     src = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "checkpoints", "synthetic_quick")
     shutil.copytree(src, tmp_path / "broken")
