@@ -88,7 +88,7 @@ def read_frames(path: str) -> Iterator[np.ndarray]:
 
 
 def annotate_video(path: str, out_dir: str, model, name: str | None = None, *, detector=None, detect_every: int = 10,
-                   min_confidence: float = 0.35, progress: bool = True) -> dict:
+                   min_confidence: float = 0.4, progress: bool = True) -> dict:
     """Track the faces of video ``path``; write ``NAME.jsonl`` (one line per frame) and ``NAME_landmarks.mp4``.
 
     Each JSON line: ``{"frame": i, "time_s": t, "faces": [Face.to_dict(), ...]}``.  Returns a
