@@ -49,28 +49,50 @@ def test_holdout_of_real_train(built):
     assert not set(map(input_pipeline.photo_id, fit["file_name"])) & set(map(input_pipeline.photo_id, val["file_name"]))
 
 
+# The default-weights test evaluates the first faces of each subset of common by file name (the paper
+# network takes about a second per face on 2 CPU cores, so not all 554); their mean inter-ocular and
+# inter-pupil NME in the release's evaluation of all 554 (checkpoints/README.md: 3.40% and 4.72% there).
+SUBSET_FACES = 32
+SUBSET_NME = (0.03300, 0.04587)
+
+
 def test_released_default_weights_on_the_common_subset(built, tmp_path, monkeypatch, capsys):
-    """`run_eval.py --split common` with no checkpoint: the released weights, reports in ./eval, nothing in checkpoints/."""
+    """`run_eval.py --split common` with no checkpoint: the released 300w_paper weights, reports in ./eval,
+    nothing in checkpoints/; on 32 HELEN + 32 LFPW faces, the NME those faces had in the full evaluation."""
     import run_eval
+    from lgcn_jax import input_pipeline
+
+    meta = json.loads(open(os.path.join(built[1], input_pipeline.ARRAYS_META)).read())
+    with np.load(os.path.join(built[1], "common.npz")) as z:
+        common = {k: z[k] for k in z.files}
+    names = common["file_name"]
+    folders = np.array([f.split("/")[0] for f in names])
+    keep = np.concatenate([np.nonzero(folders == sub)[0][np.argsort(names[folders == sub])][:SUBSET_FACES] for sub in ("helen", "lfpw")])
+    export = tmp_path / "export"
+    export.mkdir()
+    np.savez(export / "common.npz", **{k: v[keep] for k, v in common.items()})
+    meta["splits"] = {"common": dict(meta["splits"]["common"], num_examples=len(keep))}
+    (export / input_pipeline.ARRAYS_META).write_text(json.dumps(meta))
 
     released = os.path.join(ROOT, "checkpoints")
     before = {f: os.path.getmtime(os.path.join(r, f)) for r, _, fs in os.walk(released) for f in fs}
     monkeypatch.chdir(tmp_path)
-    assert run_eval.main(["--split", "common", "--data_dir", built[1], "--no_progress"]) == 0
+    assert run_eval.main(["--split", "common", "--data_dir", str(export), "--no_progress"]) == 0
     out = capsys.readouterr().out
     assert "common/helen" in out and "common/lfpw" in out
     rep = json.loads((tmp_path / "eval" / "eval_common.json").read_text())
-    assert rep["checkpoint"].endswith(os.path.join("checkpoints", "300w_cpu")) and rep["num_faces"] == 554
-    # Measured when released (checkpoints/README.md): 0.04088 inter-ocular, 0.0567 inter-pupil; slack for other CPUs.
-    assert abs(rep["inter_ocular"]["nme"] - 0.04088) < 0.002 and abs(rep["inter_pupil"]["nme"] - 0.0567) < 0.003, rep["inter_ocular"]["nme"]
-    assert rep["subsets"]["helen"]["num_faces"] == 330 and rep["subsets"]["lfpw"]["num_faces"] == 224
+    assert rep["checkpoint"].endswith(os.path.join("checkpoints", "300w_paper")) and rep["num_faces"] == 2 * SUBSET_FACES
+    assert rep["subsets"]["helen"]["num_faces"] == rep["subsets"]["lfpw"]["num_faces"] == SUBSET_FACES
+    # Slack for other CPUs' rounding (the H200 gave the same 554-face means to 4 digits).
+    io, ip = rep["inter_ocular"]["nme"], rep["inter_pupil"]["nme"]
+    assert abs(io - SUBSET_NME[0]) < 0.001 and abs(ip - SUBSET_NME[1]) < 0.0015, (io, ip)
     assert {f: os.path.getmtime(os.path.join(r, f)) for r, _, fs in os.walk(released) for f in fs} == before
 
 
 def test_detect_on_real_photos_finds_every_face_and_keeps_the_accuracy_of_ground_truth_boxes():
-    """detect() (YuNet + two passes) on 120 common-subset photos, each holding its annotated face with context:
+    """detect() (YuNet + two passes) on 80 common-subset photos, each holding its annotated face with context:
     every face found, and inter-ocular NME within 1.1x that of crops framed from the ground truth (the full
-    554: 554 found, 4.24% against 4.16%; bench/compare_end_to_end.py)."""
+    554: 554 found, 3.45% against 3.40%; bench/compare_end_to_end.py)."""
     import glob
     import sys
 
@@ -81,7 +103,7 @@ def test_detect_on_real_photos_finds_every_face_and_keeps_the_accuracy_of_ground
     from lgcn_jax.image_io import load_gray
 
     model = lgcn_jax.load_pretrained()
-    paths = [p for sub in e2e.SUBSETS for p in sorted(glob.glob(os.path.join(PARTIAL, sub, "*.jpg")))[:60]]
+    paths = [p for sub in e2e.SUBSETS for p in sorted(glob.glob(os.path.join(PARTIAL, sub, "*.jpg")))[:40]]
     gt_box, found = [], []
     for path in paths:
         gray, truth = load_gray(path), e2e.read_pts(os.path.splitext(path)[0] + ".pts")
