@@ -3,7 +3,7 @@
 Examples:
   python run_eval.py --split common                       # the released default weights (lgcn_jax.load_pretrained)
   python run_eval.py --workdir ckpt --split challenging
-  python run_eval.py --checkpoint checkpoints/synthetic_quick --split validation,test --no_shape_model
+  python run_eval.py --checkpoint synthetic_quick --split validation,test --no_shape_model   # released weights by name
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group()
     src.add_argument("--workdir", help="a run_train.py workdir (reports go to WORKDIR/eval)")
-    src.add_argument("--checkpoint", help="a checkpoint folder (a workdir or an exported one, e.g. under checkpoints/); "
-                                          "default: the released weights of lgcn_jax.load_pretrained()")
+    src.add_argument("--checkpoint", help="a checkpoint folder (a workdir or an exported one), or the name of released weights "
+                                          "(300w_paper, 300w_cpu, synthetic_quick); default: lgcn_jax.load_pretrained()'s")
     p.add_argument("--split", default=None,
                    help="comma-separated; 300w: common, challenging, full, test (default: common,challenging,full); "
                         "synthetic: validation, test (default: test)")
@@ -39,12 +39,12 @@ def main(argv=None) -> int:
     from lgcn_jax.input_pipeline import DatasetError
 
     try:
+        from lgcn_jax.predict import checkpoint_path, pretrained_path
+
         if args.workdir or args.checkpoint:
-            path = args.workdir or args.checkpoint
+            path = args.workdir or checkpoint_path(args.checkpoint)
             model = lgcn_jax.load_model(path, which=args.which, require_shape_model=not args.no_shape_model)
         else:
-            from lgcn_jax.predict import pretrained_path
-
             model = lgcn_jax.load_pretrained()
             path = pretrained_path()
         overrides = list(args.config) + ([f"data.data_dir={args.data_dir}"] if args.data_dir else [])

@@ -185,16 +185,11 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     from lgcn_jax.checkpoint import CheckpointError
     from lgcn_jax.image_io import ImageError
-    from lgcn_jax.predict import load_model, load_pretrained
+    from lgcn_jax.predict import checkpoint_path, load_model, load_pretrained
     from lgcn_jax.shape_model import ShapeModelError
 
     try:
-        if not args.checkpoint:
-            model = load_pretrained()
-        elif os.path.isdir(args.checkpoint) or os.sep in args.checkpoint:
-            model = load_model(args.checkpoint)
-        else:  # a bare name that is no folder here: released weights (the error lists the names there are)
-            model = load_pretrained(args.checkpoint)
+        model = load_model(checkpoint_path(args.checkpoint)) if args.checkpoint else load_pretrained()
         detector = get_detector(args.detector)
     except (CheckpointError, ShapeModelError, ValueError, ImportError) as e:
         print(f"lgcn-detect: error: {e}", file=sys.stderr)

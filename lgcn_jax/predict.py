@@ -118,6 +118,21 @@ def pretrained_path(name: str = PRETRAINED) -> str:
     return os.path.join(_checkpoints_dir(), name)
 
 
+def checkpoint_path(checkpoint: str) -> str:
+    """A ``--checkpoint`` argument as a folder: a folder (or anything path-like) as given, else the released
+    weights of that name (``300w_cpu``); an unknown name is a ``CheckpointError`` listing the released ones."""
+    if os.path.isdir(checkpoint) or os.sep in checkpoint or (os.altsep and os.altsep in checkpoint):
+        return checkpoint
+    from lgcn_jax.checkpoint import CheckpointError
+
+    path = pretrained_path(checkpoint)
+    if not os.path.isdir(path):
+        have = sorted(os.listdir(_checkpoints_dir())) if os.path.isdir(_checkpoints_dir()) else []
+        raise CheckpointError(f"no checkpoint folder {checkpoint!r} here and no released checkpoint of that name at {path}; "
+                              f"available: {have}. Set LGCN_CHECKPOINTS to the folder holding it, or give a path")
+    return path
+
+
 @functools.lru_cache(maxsize=4)
 def load_pretrained(name: str = PRETRAINED) -> Model:
     """The released weights under ``checkpoints/NAME`` (or ``$LGCN_CHECKPOINTS/NAME``).

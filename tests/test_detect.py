@@ -178,7 +178,7 @@ def test_cli_checkpoint_by_released_name(tmp_path, capsys):
     np.testing.assert_allclose(json.loads((tmp_path / "a" / "hopper.json").read_text())["faces"][0]["landmarks"], expected, atol=0.006)  # JSON keeps 2 decimals
     assert main([str(photo), "--out", str(tmp_path / "b"), "--checkpoint", "300w_nope", "--no_progress"]) == 1
     err = capsys.readouterr().err
-    assert "no released checkpoint '300w_nope'" in err and "300w_cpu" in err and "300w_paper" in err
+    assert "no released checkpoint of that name" in err and "'300w_nope'" in err and "300w_cpu" in err and "300w_paper" in err
     assert main([str(photo), "--out", str(tmp_path / "c"), "--checkpoint", str(tmp_path / "nowhere"), "--no_progress"]) == 1
 
 

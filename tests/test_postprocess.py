@@ -224,6 +224,17 @@ def test_run_eval_errors(trained_workdir, tmp_path, capsys):
     assert (tmp_path / "eval_test_argmax.json").exists()
 
 
+def test_run_eval_takes_released_weights_by_name(synthetic_data_dir, tmp_path, capsys):
+    import json
+    import os
+
+    r = _eval(["--checkpoint", "synthetic_quick", "--data_dir", synthetic_data_dir, "--split", "test", "--out", str(tmp_path)], capsys)
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "eval_test.json").read_text())["checkpoint"].endswith(os.path.join("checkpoints", "synthetic_quick"))
+    r = _eval(["--checkpoint", "synthetic_quik", "--split", "test", "--out", str(tmp_path)], capsys)
+    assert r.returncode == 1 and "no released checkpoint of that name" in r.stderr and "'synthetic_quick'" in r.stderr
+
+
 # ---- the fast paths of a single face: same landmarks as the plain algorithm --------------------------------------------
 
 def test_landmarks_equal_those_before_the_speed_up():
