@@ -1,6 +1,6 @@
 """Frames per second of landmarks on video: track() against detect() on every frame.
 
-    python bench/bench_video.py [--frames 120] [--size 640x480]
+    python bench/bench_video.py [--frames 120] [--size 640x480] [--checkpoint 300w_cpu]
 
 The clip: the Grace Hopper photo (bundled with matplotlib) moving across the frame and rolling
 by up to 20 degrees.  Measures, with the released default weights and detector: ``track`` (detector
@@ -47,11 +47,15 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--frames", type=int, default=120)
     p.add_argument("--size", default="640x480")
+    p.add_argument("--checkpoint", help="released weights by name (e.g. 300w_cpu) or a checkpoint folder; default: load_pretrained()'s")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results_video.json"))
     args = p.parse_args(argv)
     width, height = (int(v) for v in args.size.split("x"))
     frames = clip(args.frames, width, height)
-    model = lgcn_jax.load_pretrained()
+    from lgcn_jax.predict import PRETRAINED, checkpoint_path
+
+    weights = args.checkpoint or PRETRAINED
+    model = lgcn_jax.load_model(checkpoint_path(weights))
     list(lgcn_jax.track(frames[:12], model))  # compile every shape once
     lgcn_jax.detect(frames[0], model)
     t = time.perf_counter()
@@ -67,11 +71,11 @@ def main(argv=None) -> dict:
             writer.write(cv2.cvtColor(f, cv2.COLOR_RGB2BGR))
         writer.release()
         summary = annotate_video(path, os.path.join(tmp, "out"), model, progress=False)
-    result = {"machine": machine(), "frames": args.frames, "size": args.size,
+    result = {"machine": machine(), "weights": weights, "frames": args.frames, "size": args.size,
               "track_fps": args.frames / t_track, "detect_every_frame_fps": args.frames / t_detect,
               "lgcn_detect_video_fps": summary["fps"],
               "frames_with_a_face": {"track": sum(len(f) == 1 for f in tracked), "detect": sum(len(f) == 1 for f in per_frame)}}
-    print(f"{args.size}, {args.frames} frames: track {result['track_fps']:.1f} fps, detect on every frame {result['detect_every_frame_fps']:.1f} fps, "
+    print(f"{weights}, {args.size}, {args.frames} frames: track {result['track_fps']:.1f} fps, detect on every frame {result['detect_every_frame_fps']:.1f} fps, "
           f"lgcn-detect video (decode + track + JSON + annotated mp4) {result['lgcn_detect_video_fps']:.1f} fps; "
           f"frames with the face: track {result['frames_with_a_face']['track']}, detect {result['frames_with_a_face']['detect']}")
     return write_results(result, args.out)
