@@ -118,19 +118,24 @@ def pretrained_path(name: str = PRETRAINED) -> str:
     return os.path.join(_checkpoints_dir(), name)
 
 
+def _released_path(name: str, missing: str, fix: str) -> str:
+    """``pretrained_path(name)``, or a ``CheckpointError`` saying ``missing``, listing the released names, and ``fix``."""
+    path = pretrained_path(name)
+    if not os.path.isdir(path):
+        from lgcn_jax.checkpoint import CheckpointError
+
+        root = _checkpoints_dir()
+        have = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d))) if os.path.isdir(root) else []
+        raise CheckpointError(f"{missing} at {path}; available: {have}. Set LGCN_CHECKPOINTS to the folder holding it, or {fix}")
+    return path
+
+
 def checkpoint_path(checkpoint: str) -> str:
     """A ``--checkpoint`` argument as a folder: a folder (or anything path-like) as given, else the released
     weights of that name (``300w_cpu``); an unknown name is a ``CheckpointError`` listing the released ones."""
     if os.path.isdir(checkpoint) or os.sep in checkpoint or (os.altsep and os.altsep in checkpoint):
         return checkpoint
-    from lgcn_jax.checkpoint import CheckpointError
-
-    path = pretrained_path(checkpoint)
-    if not os.path.isdir(path):
-        have = sorted(os.listdir(_checkpoints_dir())) if os.path.isdir(_checkpoints_dir()) else []
-        raise CheckpointError(f"no checkpoint folder {checkpoint!r} here and no released checkpoint of that name at {path}; "
-                              f"available: {have}. Set LGCN_CHECKPOINTS to the folder holding it, or give a path")
-    return path
+    return _released_path(checkpoint, f"no checkpoint folder {checkpoint!r} here and no released checkpoint of that name", "give a path")
 
 
 @functools.lru_cache(maxsize=4)
@@ -147,12 +152,4 @@ def load_pretrained(name: str = PRETRAINED) -> Model:
     (non-commercial research).  Other weights go in the same layout (``export_model``) and
     load by their name.
     """
-    from lgcn_jax.checkpoint import CheckpointError
-
-    path = pretrained_path(name)
-    if not os.path.isdir(path):
-        raise CheckpointError(
-            f"no released checkpoint {name!r} at {path}; available: {sorted(os.listdir(_checkpoints_dir())) if os.path.isdir(_checkpoints_dir()) else []}. "
-            "Set LGCN_CHECKPOINTS to the folder holding it, or pass params= explicitly"
-        )
-    return load_model(path)
+    return load_model(_released_path(name, f"no released checkpoint {name!r}", "pass params= explicitly"))
