@@ -39,14 +39,10 @@ def main(argv=None) -> int:
     from lgcn_jax.input_pipeline import DatasetError
 
     try:
-        from lgcn_jax.predict import checkpoint_path, pretrained_path
+        from lgcn_jax.predict import checkpoint_path
 
-        if args.workdir or args.checkpoint:
-            path = args.workdir or checkpoint_path(args.checkpoint)
-            model = lgcn_jax.load_model(path, which=args.which, require_shape_model=not args.no_shape_model)
-        else:
-            model = lgcn_jax.load_pretrained()
-            path = pretrained_path()
+        path = args.workdir or checkpoint_path(args.checkpoint)  # no flag: the released default weights
+        model = lgcn_jax.load_model(path, which=args.which, require_shape_model=not args.no_shape_model)
         overrides = list(args.config) + ([f"data.data_dir={args.data_dir}"] if args.data_dir else [])
         bad = [o for o in overrides if not o.startswith(("postprocess.", "data."))]
         if bad:

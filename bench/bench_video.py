@@ -55,7 +55,7 @@ def main(argv=None) -> dict:
     from lgcn_jax.predict import PRETRAINED, checkpoint_path
 
     weights = args.checkpoint or PRETRAINED
-    model = lgcn_jax.load_model(checkpoint_path(weights))
+    model = lgcn_jax.load_model(checkpoint_path(args.checkpoint))
     list(lgcn_jax.track(frames[:12], model))  # compile every shape once
     lgcn_jax.detect(frames[0], model)
     t = time.perf_counter()

@@ -185,11 +185,11 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     from lgcn_jax.checkpoint import CheckpointError
     from lgcn_jax.image_io import ImageError
-    from lgcn_jax.predict import checkpoint_path, load_model, load_pretrained
+    from lgcn_jax.predict import checkpoint_path, load_model
     from lgcn_jax.shape_model import ShapeModelError
 
     try:
-        model = load_model(checkpoint_path(args.checkpoint)) if args.checkpoint else load_pretrained()
+        model = load_model(checkpoint_path(args.checkpoint))
         detector = get_detector(args.detector)
     except (CheckpointError, ShapeModelError, ValueError, ImportError) as e:
         print(f"lgcn-detect: error: {e}", file=sys.stderr)

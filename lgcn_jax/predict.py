@@ -130,9 +130,12 @@ def _released_path(name: str, missing: str, fix: str) -> str:
     return path
 
 
-def checkpoint_path(checkpoint: str) -> str:
+def checkpoint_path(checkpoint: str | None = None) -> str:
     """A ``--checkpoint`` argument as a folder: a folder (or anything path-like) as given, else the released
-    weights of that name (``300w_cpu``); an unknown name is a ``CheckpointError`` listing the released ones."""
+    weights of that name (``300w_cpu``), and the default weights (``PRETRAINED``) for None; an unknown name
+    is a ``CheckpointError`` listing the released ones."""
+    if not checkpoint:
+        return _released_path(PRETRAINED, f"no released checkpoint {PRETRAINED!r}", "pass one")
     if os.path.isdir(checkpoint) or os.sep in checkpoint or (os.altsep and os.altsep in checkpoint):
         return checkpoint
     return _released_path(checkpoint, f"no checkpoint folder {checkpoint!r} here and no released checkpoint of that name", "give a path")

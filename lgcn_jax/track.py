@@ -32,7 +32,11 @@ from lgcn_jax.detect import Face, landmarks
 from lgcn_jax.detectors import FaceDetector, get_detector
 from lgcn_jax.image_io import load_gray
 
-__all__ = ["Tracker", "track"]
+__all__ = ["Tracker", "track", "MIN_CONFIDENCE"]
+
+# The default of every min_confidence (Tracker, track, video.annotate_video): between the background crops
+# and the hardest real face measured with the released weights (Tracker's docstring gives the numbers).
+MIN_CONFIDENCE = 0.4
 
 
 @dataclasses.dataclass
@@ -53,7 +57,7 @@ class Tracker:
     model: object
     detector: str | FaceDetector | None = None
     detect_every: int = 10
-    min_confidence: float = 0.4
+    min_confidence: float = MIN_CONFIDENCE
     refine: int = 1
     follow_passes: int = 2
     batch_size: int = 32
@@ -170,7 +174,7 @@ def _unique(faces: list[Face]) -> list[Face]:
 
 
 def track(frames: Iterable, params=None, *, detector: str | FaceDetector | None = None, detect_every: int = 10,
-          min_confidence: float = 0.4, refine: int = 1) -> Iterator[list[Face]]:
+          min_confidence: float = MIN_CONFIDENCE, refine: int = 1) -> Iterator[list[Face]]:
     """Landmarks of every face in each of ``frames``, with a ``track_id`` that follows a face across frames.
 
     Args:

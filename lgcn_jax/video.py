@@ -15,6 +15,8 @@ from typing import Iterator
 
 import numpy as np
 
+from lgcn_jax.track import MIN_CONFIDENCE
+
 __all__ = ["VIDEO_EXTENSIONS", "VideoError", "is_video", "read_frames", "annotate_video"]
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".m4v", ".webm")
@@ -88,7 +90,7 @@ def read_frames(path: str) -> Iterator[np.ndarray]:
 
 
 def annotate_video(path: str, out_dir: str, model, name: str | None = None, *, detector=None, detect_every: int = 10,
-                   min_confidence: float = 0.4, progress: bool = True) -> dict:
+                   min_confidence: float = MIN_CONFIDENCE, progress: bool = True) -> dict:
     """Track the faces of video ``path``; write ``NAME.jsonl`` (one line per frame) and ``NAME_landmarks.mp4``.
 
     Each JSON line: ``{"frame": i, "time_s": t, "faces": [Face.to_dict(), ...]}``.  Returns a
