@@ -1,7 +1,17 @@
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=true")
+# One XLA compilation cache for the session: the many tests that run run_train.py, run_eval.py or a
+# script in a fresh Python (they inherit this environment) compile the same tiny networks again, about
+# 5 s a process on 2 cores.  Only compilations over half a second are stored; the folder goes at exit.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="lgcn_jax_test_xla_cache_")
+    atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], True)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 import dataclasses
 

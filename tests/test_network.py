@@ -120,15 +120,19 @@ def test_global_subnet_on_phases_equals_dilated_convolutions(dilation, hw, phase
     x = jax.random.uniform(jax.random.key(1), (2, *hw, 1))
     assert _dilated_convs(off, x) == 2 and _dilated_convs(on, x) == (0 if phased else 2)
     np.testing.assert_allclose(lgcn_jax.apply(on, x), lgcn_jax.apply(off, x), rtol=1e-5, atol=1e-6)
-    for a, b in zip(jax.tree_util.tree_leaves(lgcn_jax.apply_train(on, x, jax.random.key(2))),
-                    jax.tree_util.tree_leaves(lgcn_jax.apply_train(off, x, jax.random.key(2)))):
+    train = jax.jit(lgcn_jax.apply_train)  # jitted: op by op, the dilated layout's backward pass takes many seconds
+    for a, b in zip(jax.tree_util.tree_leaves(train(on, x, jax.random.key(2))),
+                    jax.tree_util.tree_leaves(train(off, x, jax.random.key(2)))):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
-    def loss(params, net):
-        o1, o2, _ = lgcn_jax.apply_train(net.replace(params=params), x, jax.random.key(2))
-        return jnp.sum(o2 * jnp.cos(jnp.arange(o2.size).reshape(o2.shape)))  # no symmetry to hide a permutation
+    @jax.jit
+    def grad(params, net):
+        def loss(params):
+            o1, o2, _ = lgcn_jax.apply_train(net.replace(params=params), x, jax.random.key(2))
+            return jnp.sum(o2 * jnp.cos(jnp.arange(o2.size).reshape(o2.shape)))  # no symmetry to hide a permutation
+        return jax.grad(loss)(params)
 
-    g_on, g_off = jax.grad(loss)(on.params, on), jax.grad(loss)(off.params, off)
+    g_on, g_off = grad(on.params, on), grad(off.params, off)
     # Biases of convolutions that feed a BatchNorm are left out: BN cancels them, their gradient is round-off.
     for name, leaf in [("global_0_conv", "kernel"), ("global_1_conv", "kernel"), ("global_1_bn", "scale"),
                        ("head_global", "kernel"), ("head_global", "bias"), ("local5_0_conv", "kernel")]:
