@@ -30,6 +30,7 @@ from PIL import Image
 
 import lgcn_jax
 from lgcn_jax import crop as crop_lib
+from lgcn_jax import metrics
 from lgcn_jax.detect import landmarks
 from lgcn_jax.image_io import load_gray
 from lgcn_jax.predict import PRETRAINED
@@ -45,7 +46,8 @@ def read_pts(path: str) -> np.ndarray:
 
 
 def nme(points, truth) -> float:
-    return float(np.linalg.norm(points - truth, axis=1).mean() / np.linalg.norm(truth[36] - truth[45]))
+    """Inter-ocular NME of one face's points f[68, 2]."""
+    return float(metrics.nme(points[None], truth[None])[0])
 
 
 def nearest(candidates: list[np.ndarray], truth: np.ndarray):

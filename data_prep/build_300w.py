@@ -37,6 +37,7 @@ from data_prep.layout_300w import (OFFICIAL_FOLDER_SIZES, OFFICIAL_SIZES, SUBSET
                                    missing_folders)
 from lgcn_jax import crop as crop_lib
 from lgcn_jax.image_io import ImageError, load_gray
+from lgcn_jax.landmarks68 import NUM_POINTS
 
 __all__ = ["Face300W", "Face300WConfig", "SUBSETS", "OFFICIAL_SIZES", "BadFileError", "read_pts", "find_faces", "config_for", "main"]
 
@@ -50,7 +51,6 @@ if __name__ == "__main__":
     raise SystemExit(_main())
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
-NUM_POINTS = 68
 
 
 class BadFileError(ValueError):

@@ -23,20 +23,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from lgcn_jax.config import DataConfig
+from lgcn_jax.landmarks68 import FLIP_PERMUTATION, NUM_POINTS
 
 __all__ = ["FLIP_PERMUTATION", "NUM_PARAMS", "sample_params", "augment_example", "augment_batch", "example_keys"]
 
-# Standard 68-point left/right correspondence (0-indexed iBUG markup).
-FLIP_PERMUTATION = np.array(
-    list(range(16, -1, -1))  # jaw
-    + list(range(26, 16, -1))  # brows
-    + [27, 28, 29, 30]  # bridge
-    + [35, 34, 33, 32, 31]  # nostrils
-    + [45, 44, 43, 42, 47, 46]  # left eye <- right eye
-    + [39, 38, 37, 36, 41, 40]
-    + [54, 53, 52, 51, 50, 49, 48, 59, 58, 57, 56, 55]  # outer lip
-    + [64, 63, 62, 61, 60, 67, 66, 65]  # inner lip
-)
 NUM_PARAMS = 7
 _STREAM = 0x41554721  # separates augmentation keys from the dropout keys fold_in(key(seed), step)
 
@@ -101,7 +91,7 @@ def augment_batch(images: jax.Array, landmarks: jax.Array, examples: jax.Array, 
     images = images.astype(jnp.float32) / 255.0 if images.dtype == jnp.uint8 else images.astype(jnp.float32)
     if not config.augment:
         return images, landmarks
-    if config.flip and landmarks.shape[-2] != len(FLIP_PERMUTATION):
+    if config.flip and landmarks.shape[-2] != NUM_POINTS:
         raise ValueError(f"mirroring needs the 68-point markup, got {landmarks.shape[-2]} points; set data.flip=false")
     u = jax.vmap(sample_params)(example_keys(seed, examples))
     return jax.vmap(lambda im, lm, p: augment_example(im, lm, p, config))(images, landmarks, u)

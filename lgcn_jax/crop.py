@@ -14,6 +14,8 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
+from lgcn_jax.landmarks68 import LEFT_EYE, RIGHT_EYE
+
 __all__ = ["CROP_MARGIN", "crop_ratio", "similarity", "apply_affine", "invert_affine", "warp", "landmark_box", "square_box", "crop", "to_crop", "to_original", "from_landmarks"]
 
 CROP_MARGIN = 0.2
@@ -127,9 +129,6 @@ def warp(gray: np.ndarray, matrix: np.ndarray, size: int) -> np.ndarray:
     coeffs = (m_edge[0, 0], m_edge[0, 1], m_edge[0, 2], m_edge[1, 0], m_edge[1, 1], m_edge[1, 2])
     out = im.transform((size, size), Image.Transform.AFFINE, coeffs, resample=Image.Resampling.BILINEAR, fillcolor=0)
     return np.asarray(out, np.uint8)
-
-
-RIGHT_EYE, LEFT_EYE = slice(36, 42), slice(42, 48)  # iBUG 0-based: the subject's right eye is on the image's left
 
 
 def from_landmarks(points: np.ndarray, ratio: float, size: int) -> np.ndarray:

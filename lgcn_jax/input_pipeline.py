@@ -34,7 +34,7 @@ from typing import Iterator
 import jax
 import numpy as np
 
-from lgcn_jax.augment import FLIP_PERMUTATION
+from lgcn_jax.landmarks68 import FLIP_PERMUTATION
 from lgcn_jax.config import DataConfig
 
 __all__ = ["load_split", "available_splits", "holdout", "train_dataset", "array_batches", "eval_batches", "prefetch_to_device",

@@ -1,12 +1,14 @@
 """300-W metrics: NME (inter-ocular / inter-pupil), failure rate, AUC, CED.
 
-Indices are 0-based into the 68-point iBUG markup: outer eye corners 36 and
-45; pupils are the means of the eye contours 36-41 and 42-47.
+Inter-ocular: the distance of the outer eye corners (points 36 and 45, 0-based); inter-pupil: of
+the means of the eye contours 36-41 and 42-47 (lgcn_jax.landmarks68).
 """
 
 from __future__ import annotations
 
 import numpy as np
+
+from lgcn_jax.landmarks68 import LEFT_EYE, NUM_POINTS, OUTER_EYE_CORNERS, RIGHT_EYE
 
 __all__ = ["normaliser", "nme", "ced_curve", "auc_and_failure"]
 
@@ -14,12 +16,12 @@ __all__ = ["normaliser", "nme", "ced_curve", "auc_and_failure"]
 def normaliser(gt: np.ndarray, norm: str = "inter_ocular") -> np.ndarray:
     """Per-face normalising distance of f[N, 68, 2] ground truth -> f[N]."""
     gt = np.asarray(gt, np.float64)
-    if gt.ndim != 3 or gt.shape[1:] != (68, 2):
-        raise ValueError(f"ground truth must have shape [N, 68, 2], got {gt.shape}")
+    if gt.ndim != 3 or gt.shape[1:] != (NUM_POINTS, 2):
+        raise ValueError(f"ground truth must have shape [N, {NUM_POINTS}, 2], got {gt.shape}")
     if norm == "inter_ocular":
-        a, b = gt[:, 36], gt[:, 45]
+        a, b = gt[:, OUTER_EYE_CORNERS[0]], gt[:, OUTER_EYE_CORNERS[1]]
     elif norm == "inter_pupil":
-        a, b = gt[:, 36:42].mean(1), gt[:, 42:48].mean(1)
+        a, b = gt[:, RIGHT_EYE].mean(1), gt[:, LEFT_EYE].mean(1)
     else:
         raise ValueError(f"norm must be 'inter_ocular' or 'inter_pupil', got {norm!r}")
     return np.linalg.norm(a - b, axis=-1)

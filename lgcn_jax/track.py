@@ -30,6 +30,7 @@ import numpy as np
 from lgcn_jax import crop as crop_lib
 from lgcn_jax.detect import Face, landmarks
 from lgcn_jax.detectors import FaceDetector, get_detector
+from lgcn_jax.landmarks68 import LEFT_EYE, RIGHT_EYE
 from lgcn_jax.image_io import load_gray
 
 __all__ = ["Tracker", "track", "MIN_CONFIDENCE"]
@@ -147,7 +148,7 @@ class Tracker:
 
 def _eye_distance(points: np.ndarray) -> float:
     p = np.asarray(points, np.float64)
-    return float(np.linalg.norm(p[crop_lib.LEFT_EYE].mean(0) - p[crop_lib.RIGHT_EYE].mean(0)))
+    return float(np.linalg.norm(p[LEFT_EYE].mean(0) - p[RIGHT_EYE].mean(0)))
 
 
 def _centre(face: Face) -> np.ndarray:
