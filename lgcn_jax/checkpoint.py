@@ -23,7 +23,9 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from lgcn_jax import network
 from lgcn_jax.config import EXECUTION_FIELDS, Config, config_from_dict, config_to_dict
+from lgcn_jax.train_state import create_train_state
 
 __all__ = ["CheckpointError", "check_workdir_config", "write_config", "read_config", "Checkpoints", "load_params", "export_params"]
 
@@ -254,8 +256,6 @@ def export_params(directory: str, params, config: Config) -> None:
 def _load_exported(path: str, config: Config):
     from flax import serialization
 
-    from lgcn_jax import network
-
     template = network.init(jax.random.key(0), config, image_size=config.data.image_size)
     file = os.path.join(path, PARAMS_FILE)
     try:
@@ -276,12 +276,10 @@ def load_params(path: str, which: str = "best"):
 
     Returns (LGCNParams, Config).
     """
-    from lgcn_jax import train
-
     config = read_config(path)
     if os.path.exists(os.path.join(path, PARAMS_FILE)):
         return _load_exported(path, config), config
-    state = train.create_train_state(config)
+    state = create_train_state(config)
     log_details_to(path)
     ckpts = Checkpoints(path)
     try:

@@ -16,54 +16,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import struct
 
 from lgcn_jax import augment as augment_lib
 from lgcn_jax import checkpoint as ckpt_lib
 from lgcn_jax import input_pipeline, metrics, network, sharding
 from lgcn_jax import shape_model as shape_model_lib
-from lgcn_jax.config import Config, DataConfig, TrainConfig
+from lgcn_jax.config import Config, DataConfig
 from lgcn_jax.metric_writer import MetricWriter
 from lgcn_jax.heatmaps import argmax_subpixel
 from lgcn_jax.loss import heatmap_loss
+from lgcn_jax.train_state import TrainState, create_train_state, learning_rate_schedule, make_optimizer
 
 __all__ = ["TrainState", "make_optimizer", "create_train_state", "loss", "train_step", "eval_step", "predict_split", "evaluate", "build_shape_model", "training_splits", "recalibrated", "train_and_evaluate", "export_workdir", "TrainingInterrupted"]
 
 log = logging.getLogger("lgcn_jax")
-
-
-@struct.dataclass
-class TrainState:
-    step: jax.Array
-    net: network.LGCNParams
-    opt_state: Any
-    tx: optax.GradientTransformation = struct.field(pytree_node=False)
-    seed: int = struct.field(pytree_node=False, default=0)
-
-
-def learning_rate_schedule(t: TrainConfig) -> optax.Schedule:
-    boundaries = {int(s): float(f) for s, f in zip(t.lr_decay_steps, t.lr_decay_factors)}
-    return optax.piecewise_constant_schedule(t.learning_rate, boundaries)
-
-
-def make_optimizer(t: TrainConfig) -> optax.GradientTransformation:
-    """Element-wise gradient clipping (the authors' truncation), then momentum SGD or Adam."""
-    parts = []
-    if t.grad_clip > 0:
-        parts.append(optax.clip(t.grad_clip))
-    if t.weight_decay > 0:
-        parts.append(optax.add_decayed_weights(t.weight_decay))
-    schedule = learning_rate_schedule(t)
-    parts.append(optax.sgd(schedule, momentum=t.momentum) if t.optimizer == "momentum" else optax.adam(schedule))
-    return optax.chain(*parts)
-
-
-def create_train_state(config: Config, rng: jax.Array | None = None) -> TrainState:
-    if rng is None:
-        rng = jax.random.key(config.train.seed)
-    net = network.init(rng, config, image_size=config.data.image_size)
-    tx = make_optimizer(config.train)
-    return TrainState(step=jnp.zeros((), jnp.int32), net=net, opt_state=tx.init(net.params), tx=tx, seed=config.train.seed)
 
 
 def loss(params: Any, net: network.LGCNParams, batch: dict, rng: jax.Array, loss_scale: float) -> tuple[jax.Array, Any]:
