@@ -12,7 +12,8 @@ Times, after warm-up and as medians, on this machine's first device:
     BatchNorm + ReLU + dropout;
   * XLA's own FLOP and byte counts of the compiled forward and step.
 Needs no TensorFlow.  Writes bench/results_profile.json (with the device) and, with --trace,
-a jax.profiler trace for TensorBoard or Perfetto.
+a jax.profiler trace for TensorBoard or Perfetto, summarised per kind of kernel and per layer on
+an accelerator (bench/trace_summary.py).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import argparse
 import dataclasses
 import os
 
+import trace_summary
 from common import machine, median_time, write_results
 
 import jax
@@ -171,6 +173,11 @@ def main(argv=None) -> dict:
             for _ in range(3):
                 jax.block_until_ready(steps(batch, None))
         result["trace"] = os.path.abspath(args.trace)
+        try:  # on an accelerator: where the kernel time of those 3 steps went
+            result["trace_summary"] = trace_summary.summarize(args.trace, steps=3)
+            trace_summary.print_summary(result["trace_summary"])
+        except trace_summary.TraceError as e:
+            print(f"  trace summary: {e}")
     return write_results(result, args.out)
 
 

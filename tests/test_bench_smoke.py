@@ -4,6 +4,8 @@ import json
 import os
 import sys
 
+import pytest
+
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
 
 import run_all  # noqa: E402
@@ -23,3 +25,40 @@ def test_run_all_tiny(tmp_path, synthetic_data_dir, capsys):
     assert "| kernel conv forward B=1 |" in capsys.readouterr().out
     for part in ("kernel_conv", "network", "postprocess", "train"):
         assert (tmp_path / f"results_{part}.json").exists()
+
+
+def _write_trace(path, events):
+    import gzip
+
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with gzip.open(path, "wt") as f:
+        json.dump({"traceEvents": events}, f)
+
+
+def test_trace_summary_sums_device_kernels_by_kind_and_layer(tmp_path):
+    """bench/trace_summary.py on a hand-made GPU trace of 2 steps: only device kernels count, each
+    in its kind and layer, per step; a CPU-only trace and a missing one are refused by name."""
+    import trace_summary
+
+    fwd, bwd = "jit(_train_step)/jvp(LGCN)/local5_0_conv/conv_general_dilated", "jit(_train_step)/transpose(jvp(LGCN))/local5_0_conv/conv_general_dilated"
+    meta = [{"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/device:GPU:0"}},
+            {"ph": "M", "name": "process_name", "pid": 7, "args": {"name": "/host:CPU"}}]
+    kernels = [("sm90_xmma_fprop_implicit_gemm_tf32", fwd, 2000), ("void cudnn::nchwToNhwcKernel<float>", fwd, 200),
+               ("sm90_xmma_wgrad_indexed_implicit_gemm", bwd, 3000), ("sm90_xmma_dgrad_implicit_gemm", bwd, 1000),
+               ("loop_select_fusion", "", 500), ("sm80_xmma_gemm_f32f32_cublas", "", 300)]
+    events = meta + [{"ph": "X", "pid": 1, "name": k, "dur": d, "args": {"name": n} if n else {}} for k, n, d in kernels * 2]
+    events.append({"ph": "X", "pid": 7, "name": "PjitFunction(_train_step)", "dur": 10**6})  # host time: not counted
+    _write_trace(str(tmp_path / "gpu" / "plugins" / "profile" / "run" / "vm.trace.json.gz"), events)
+    s = trace_summary.summarize(str(tmp_path / "gpu"), steps=2, top=3)
+    assert s["device"] == ["/device:GPU:0"] and s["total_ms"] == 7.0
+    assert s["by_kind_ms"] == {"conv forward": 2.0, "conv input gradient": 1.0, "conv weight gradient": 3.0, "matmul": 0.3,
+                               "layout": 0.2, "fusion": 0.5}
+    assert s["by_layer"] == [{"layer": "local5_0_conv", "forward_ms": 2.2, "backward_ms": 4.0, "total_ms": 6.2}]
+    assert [(k["kind"], k["pass"], k["calls_per_step"], k["ms"]) for k in s["top_kernels"]] == [
+        ("conv weight gradient", "backward", 1.0, 3.0), ("conv forward", "forward", 1.0, 2.0), ("conv input gradient", "backward", 1.0, 1.0)]
+
+    _write_trace(str(tmp_path / "cpu" / "x.trace.json.gz"), meta[1:] + [events[-1]])
+    with pytest.raises(trace_summary.TraceError, match="no accelerator kernels"):
+        trace_summary.summarize(str(tmp_path / "cpu"))
+    with pytest.raises(trace_summary.TraceError, match="no \\*.trace.json.gz below it"):
+        trace_summary.summarize(str(tmp_path / "none"))
