@@ -30,8 +30,8 @@ import numpy as np
 from lgcn_jax import crop as crop_lib
 from lgcn_jax.detect import Face, landmarks
 from lgcn_jax.detectors import FaceDetector, get_detector
-from lgcn_jax.landmarks68 import LEFT_EYE, RIGHT_EYE
 from lgcn_jax.image_io import load_gray
+from lgcn_jax.landmarks68 import LEFT_EYE, RIGHT_EYE
 
 __all__ = ["Tracker", "track", "MIN_CONFIDENCE"]
 

@@ -125,13 +125,11 @@ def test_global_subnet_on_phases_equals_dilated_convolutions(dilation, hw, phase
                     jax.tree_util.tree_leaves(train(off, x, jax.random.key(2)))):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
-    @jax.jit
-    def grad(params, net):
-        def loss(params):
-            o1, o2, _ = lgcn_jax.apply_train(net.replace(params=params), x, jax.random.key(2))
-            return jnp.sum(o2 * jnp.cos(jnp.arange(o2.size).reshape(o2.shape)))  # no symmetry to hide a permutation
-        return jax.grad(loss)(params)
+    def loss(params, net):
+        o1, o2, _ = lgcn_jax.apply_train(net.replace(params=params), x, jax.random.key(2))
+        return jnp.sum(o2 * jnp.cos(jnp.arange(o2.size).reshape(o2.shape)))  # no symmetry to hide a permutation
 
+    grad = jax.jit(jax.grad(loss))
     g_on, g_off = grad(on.params, on), grad(off.params, off)
     # Biases of convolutions that feed a BatchNorm are left out: BN cancels them, their gradient is round-off.
     for name, leaf in [("global_0_conv", "kernel"), ("global_1_conv", "kernel"), ("global_1_bn", "scale"),
