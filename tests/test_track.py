@@ -60,8 +60,8 @@ def test_tracking_follows_a_moving_rolling_face_and_drops_it_when_it_leaves(clip
     in_view = np.nonzero(inside == 1.0)[0]
     assert all(len(tracked[i]) == 1 and tracked[i][0].track_id == 0 for i in in_view), [[f.track_id for f in t] for t in tracked]
     err_track = np.mean([nme(tracked[i][0].landmarks, truths[i]) for i in in_view])
-    # Per-frame detection on every other frame in view (Haar misses some rolled frames: those are skipped).
-    per = [(i, detect(frames[i], model)) for i in in_view[::2]]
+    # Per-frame detection on every fourth frame in view (a frame where it finds no single face is skipped).
+    per = [(i, detect(frames[i], model)) for i in in_view[::4]]
     err_detect = np.mean([nme(faces[0].landmarks, truths[i]) for i, faces in per if len(faces) == 1])
     assert err_track <= max(1.2 * err_detect, err_detect + 0.005), (err_track, err_detect)
     # The detector ran on frame 0, every 10 frames and when the face was lost, not on every frame.
