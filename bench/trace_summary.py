@@ -71,8 +71,6 @@ def layer_of(op_name: str) -> tuple[str, str]:
     """(layer, "forward" | "backward") of a JAX op path such as
     ``jit(_train_step)/transpose(jvp(LGCN))/local5_1_conv/conv_general_dilated``; ("", "") if none."""
     parts = op_name.split("/")
-    if len(parts) < 3:
-        return "", ""
     direction = "backward" if any(p.startswith("transpose(") for p in parts) else "forward"
     # The component after the model's own scope (a capitalised flax module name such as "LGCN",
     # possibly wrapped as jvp(LGCN) or transpose(jvp(LGCN))).
