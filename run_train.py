@@ -66,7 +66,7 @@ def main(argv=None) -> int:
         try:
             stored = checkpoint.read_config(args.workdir)
             existed = os.path.exists(os.path.join(args.workdir, "shape_model.npz"))
-            path = train.build_shape_model(stored, args.workdir)
+            path = train.write_shape_model(stored, args.workdir)
         except (lgcn_jax.CheckpointError, DatasetError) as e:
             print(f"run_train.py: error: {e}", file=sys.stderr)
             return 1

@@ -27,6 +27,7 @@ import numpy as np
 from lgcn_jax import crop as crop_lib
 from lgcn_jax.detectors import Detection, FaceDetector, HaarDetector, YuNetDetector, get_detector
 from lgcn_jax.image_io import load_gray, open_image
+from lgcn_jax.sharding import pad_rows
 
 __all__ = ["Face", "Detection", "HaarDetector", "YuNetDetector", "detect", "detect_batch", "landmarks", "draw", "main"]
 
@@ -65,8 +66,7 @@ def _run(model, crops: np.ndarray, batch_size: int):
     for lo in range(0, len(crops), batch_size):
         chunk = crops[lo:lo + batch_size]
         # Pad to a power of two (at most batch_size): a handful of compiled shapes serve any face count.
-        pad = min(batch_size, 1 << (len(chunk) - 1).bit_length()) - len(chunk)
-        x = np.concatenate([chunk, np.repeat(chunk[-1:], pad, 0)]) if pad else chunk
+        x = pad_rows(chunk, min(batch_size, 1 << (len(chunk) - 1).bit_length()))
         lm, conf = predict_with_confidence(model, x[..., None])
         lms.append(np.asarray(lm)[: len(chunk)])
         confs.append(np.asarray(conf)[: len(chunk)])

@@ -34,8 +34,9 @@ from typing import Iterator
 import jax
 import numpy as np
 
-from lgcn_jax.landmarks68 import FLIP_PERMUTATION
 from lgcn_jax.config import DataConfig
+from lgcn_jax.landmarks68 import FLIP_PERMUTATION
+from lgcn_jax.sharding import pad_rows
 
 __all__ = ["load_split", "available_splits", "holdout", "train_dataset", "array_batches", "eval_batches", "prefetch_to_device",
            "resolve_pipeline", "export_arrays", "ARRAYS_META", "FLIP_PERMUTATION", "DatasetError"]
@@ -371,15 +372,9 @@ def eval_batches(data: dict[str, np.ndarray], batch_size: int) -> Iterator[dict[
     n = len(data["image"])
     for lo in range(0, n, batch_size):
         hi = min(n, lo + batch_size)
-        pad = batch_size - (hi - lo)
-        image = data["image"][lo:hi].astype(np.float32) / 255.0
-        lm = data["landmarks"][lo:hi]
-        valid = np.ones(hi - lo, np.float32)
-        if pad:
-            image = np.concatenate([image, np.repeat(image[-1:], pad, 0)])
-            lm = np.concatenate([lm, np.repeat(lm[-1:], pad, 0)])
-            valid = np.concatenate([valid, np.zeros(pad, np.float32)])
-        yield {"image": image, "landmarks": lm, "valid": valid}
+        yield {"image": pad_rows(data["image"][lo:hi].astype(np.float32) / 255.0, batch_size),
+               "landmarks": pad_rows(data["landmarks"][lo:hi], batch_size),
+               "valid": (np.arange(batch_size) < hi - lo).astype(np.float32)}
 
 
 def prefetch_to_device(iterator, size: int = 2, put=None):

@@ -18,7 +18,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-__all__ = ["data_mesh", "batch_sharding", "replicated", "replicate", "local_rows", "check_batch_size", "shard_batch", "shard_leading"]
+__all__ = ["data_mesh", "batch_sharding", "replicated", "replicate", "local_rows", "check_batch_size", "shard_batch", "shard_leading", "pad_rows"]
 
 AXIS = "data"
 
@@ -65,6 +65,16 @@ def shard_batch(local: dict, mesh: Mesh) -> dict:
     return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local.items()}
 
 
+def pad_rows(x: np.ndarray, rows: int) -> np.ndarray:
+    """``x`` with its first axis padded to ``rows`` by repeating its last row (compiled shapes stay few;
+    the padding's results are dropped by the caller)."""
+    x = np.asarray(x)
+    pad = rows - x.shape[0]
+    if pad < 0:
+        raise ValueError(f"cannot pad {x.shape[0]} rows to {rows}")
+    return np.concatenate([x, np.repeat(x[-1:], pad, 0)]) if pad else x
+
+
 def shard_leading(x: jax.Array | np.ndarray, mesh: Mesh | None = None) -> tuple[jax.Array, int]:
     """Split an inference batch over the local devices: pad its first axis to a multiple of the device
     count (repeating the last row) and shard it.  Returns (array, number of real rows)."""
@@ -72,7 +82,6 @@ def shard_leading(x: jax.Array | np.ndarray, mesh: Mesh | None = None) -> tuple[
     n, b = mesh.devices.size, x.shape[0]
     if n == 1:
         return x, b
-    pad = (-b) % n
-    if pad:
-        x = np.concatenate([np.asarray(x), np.repeat(np.asarray(x)[-1:], pad, 0)])
+    if b % n:
+        x = pad_rows(x, b + (-b) % n)
     return jax.device_put(x, batch_sharding(mesh)), b

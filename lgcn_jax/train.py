@@ -10,6 +10,7 @@ import os
 import signal
 import threading
 import time
+import warnings
 from typing import Any
 
 import jax
@@ -27,7 +28,7 @@ from lgcn_jax.heatmaps import argmax_subpixel
 from lgcn_jax.loss import heatmap_loss
 from lgcn_jax.train_state import TrainState, create_train_state, learning_rate_schedule, make_optimizer
 
-__all__ = ["TrainState", "make_optimizer", "create_train_state", "loss", "train_step", "eval_step", "predict_split", "evaluate", "build_shape_model", "training_splits", "recalibrated", "train_and_evaluate", "export_workdir", "TrainingInterrupted"]
+__all__ = ["TrainState", "make_optimizer", "create_train_state", "loss", "train_step", "eval_step", "predict_split", "evaluate", "write_shape_model", "training_splits", "recalibrated", "train_and_evaluate", "export_workdir", "TrainingInterrupted"]
 
 log = logging.getLogger("lgcn_jax")
 
@@ -100,8 +101,10 @@ def evaluate(net: network.LGCNParams, data: dict, batch_size: int = 32, max_batc
     return {"nme": float(errors.mean()), "auc": auc, "failure_rate": failure, "num_faces": int(len(errors))}
 
 
-def build_shape_model(config: Config, workdir: str, train_data: dict | None = None) -> str:
-    """Learn the PCA shape model from the training split's landmarks and save it in ``workdir``; returns its path."""
+def write_shape_model(config: Config, workdir: str, train_data: dict | None = None) -> str:
+    """Learn the PCA shape model from the training split's landmarks and save it in ``workdir``; returns its path.
+
+    (``lgcn_jax.build_shape_model`` builds one from landmarks in memory and writes nothing.)"""
     if train_data is None:
         train_data = training_splits(config)[0]
     n = len(train_data["landmarks"])
@@ -115,6 +118,13 @@ def build_shape_model(config: Config, workdir: str, train_data: dict | None = No
     log.info("shape model from %d training shapes: %d components, %d order constraints -> %s",
              n, sm.num_components, int(sm.lower.shape[0]), path)
     return path
+
+
+def build_shape_model(config: Config, workdir: str, train_data: dict | None = None) -> str:
+    """Deprecated name of ``write_shape_model`` (it shared its name with ``lgcn_jax.build_shape_model``)."""
+    warnings.warn("lgcn_jax.train.build_shape_model is now lgcn_jax.train.write_shape_model; the old name will be removed",
+                  DeprecationWarning, stacklevel=2)
+    return write_shape_model(config, workdir, train_data)
 
 
 def training_splits(config: Config) -> tuple[dict, dict]:
@@ -209,7 +219,7 @@ def train_and_evaluate(config: Config, workdir: str, progress: bool = True) -> d
     if primary:
         ckpt_lib.write_config(workdir, config)
         if not os.path.exists(os.path.join(workdir, shape_model_lib.FILENAME)):
-            build_shape_model(config, workdir, train_data)
+            write_shape_model(config, workdir, train_data)
     writer = MetricWriter(workdir, start) if primary else MetricWriter.disabled()
     result: dict = {}
 

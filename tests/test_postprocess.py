@@ -1,5 +1,6 @@
 """Shape model and post-processing: jnp against the NumPy/SciPy reference, recovery, robustness, errors."""
 
+import os
 import shutil
 import subprocess
 
@@ -71,6 +72,20 @@ def test_shape_model_save_load_round_trip(models, tmp_path):
     for f in ("mean", "components", "lower", "upper"):
         np.testing.assert_array_equal(np.asarray(getattr(back, f)), np.asarray(getattr(sm, f)))
     assert back.image_size == SIZE
+
+
+def test_workdir_shape_model_is_written_from_the_training_split_and_the_old_name_warns(models, train_shapes, tmp_path):
+    from lgcn_jax import train
+
+    cfg = lgcn_jax.apply_overrides(lgcn_jax.get_config("quick"), ["postprocess.num_components=3"])
+    path = train.write_shape_model(cfg, str(tmp_path / "a"), {"landmarks": train_shapes[:4]})
+    assert load_shape_model(os.path.dirname(path)).num_components == 3  # one fewer than the 4 shapes would allow
+    with pytest.raises(lgcn_jax.DatasetError, match="at least 2 training faces"):
+        train.write_shape_model(cfg, str(tmp_path / "b"), {"landmarks": train_shapes[:1]})
+    cfg = lgcn_jax.get_config("quick")
+    with pytest.warns(DeprecationWarning, match="write_shape_model"):
+        path = train.build_shape_model(cfg, str(tmp_path / "c"), {"landmarks": train_shapes})
+    np.testing.assert_allclose(np.asarray(load_shape_model(os.path.dirname(path)).mean), np.asarray(models[0].mean), atol=1e-5)
 
 
 def test_shape_model_file_errors(tmp_path):
