@@ -33,6 +33,14 @@ def main(argv=None) -> int:
                                  "default: WORKDIR/eval with --workdir, else ./eval)")
     p.add_argument("--no_progress", action="store_true")
     args = p.parse_args(argv)
+    if args.batch_size < 1:
+        p.error(f"--batch_size must be at least 1, got {args.batch_size}")
+    if args.split is not None and not [s for s in args.split.split(",") if s.strip()]:
+        p.error(f"--split {args.split!r} names no split")
+    # Never into a checkpoint folder (it may be the installed package's): only a workdir keeps its reports.
+    out_dir = args.out or (os.path.join(args.workdir, "eval") if args.workdir else "eval")
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        p.error(f"--out {out_dir} is a file; reports go to a folder")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import lgcn_jax
     from lgcn_jax import evaluation, input_pipeline
@@ -52,7 +60,7 @@ def main(argv=None) -> int:
             config = dataclasses.replace(config, postprocess=dataclasses.replace(config.postprocess, use_shape_model=False))
         model = model._replace(config=config, shape_model=None if args.no_shape_model else model.shape_model)
         if args.split:
-            splits = [s for s in args.split.split(",") if s]
+            splits = [s.strip() for s in args.split.split(",") if s.strip()]
         else:  # the default splits that this build holds; a named split that is absent is an error below
             default = ["common", "challenging", "full"] if config.data.dataset == "300w" else ["test"]
             have = input_pipeline.available_splits(config.data)
@@ -69,13 +77,15 @@ def main(argv=None) -> int:
     except ValueError as e:
         print(f"run_eval.py: error: {e}", file=sys.stderr)
         return 2
-    # Never into a checkpoint folder (it may be the installed package's): only a workdir keeps its reports.
-    out_dir = args.out or (os.path.join(args.workdir, "eval") if args.workdir else "eval")
     decoder = "argmax" if args.no_shape_model else "shape_model"
     suffix = "_argmax" if args.no_shape_model else ""
     reports = {}
     for split, d in data.items():
-        pred = evaluation.predict_landmarks(model, d, args.batch_size, progress=not args.no_progress)
+        try:
+            pred = evaluation.predict_landmarks(model, d, args.batch_size, progress=not args.no_progress)
+        except ValueError as e:  # e.g. a data.image_size override that the shape model was not built for
+            print(f"run_eval.py: error: {e}", file=sys.stderr)
+            return 2
         rep = {"split": split, "dataset": config.data.dataset, "checkpoint": os.path.abspath(path), "decoder": decoder,
                "postprocess": dataclasses.asdict(config.postprocess), "num_faces": int(len(pred))}
         rep.update(evaluation.evaluate_landmarks(pred, d["landmarks"]))

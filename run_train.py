@@ -24,7 +24,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="with --export: measure the BatchNorm statistics again over N batches of training crops first")
     p.add_argument("--shape_model_only", action="store_true",
                    help="only (re)build WORKDIR/shape_model.npz from the training split of the workdir's stored config")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.recalibrate < 0 or (args.recalibrate and not args.export):
+        p.error("--recalibrate N takes N >= 0 and goes with --export")
+    if args.data_dir:
+        # Stored in WORKDIR/config.json: absolute, so that later commands from another folder find it.
+        args.data_dir = os.path.abspath(os.path.expanduser(args.data_dir))
+    return args
 
 
 def main(argv=None) -> int:
@@ -54,7 +60,7 @@ def main(argv=None) -> int:
         from lgcn_jax import train
 
         try:
-            path = train.export_workdir(args.workdir, args.export, recalibrate_batches=args.recalibrate)
+            path = train.export_workdir(args.workdir, args.export, recalibrate_batches=args.recalibrate, data_dir=args.data_dir)
         except (lgcn_jax.CheckpointError, lgcn_jax.ShapeModelError, DatasetError) as e:
             print(f"run_train.py: error: {e}", file=sys.stderr)
             return 1
@@ -65,6 +71,8 @@ def main(argv=None) -> int:
 
         try:
             stored = checkpoint.read_config(args.workdir)
+            if args.data_dir:
+                stored = lgcn_jax.apply_overrides(stored, [f"data.data_dir={args.data_dir}"])
             existed = os.path.exists(os.path.join(args.workdir, "shape_model.npz"))
             path = train.write_shape_model(stored, args.workdir)
         except (lgcn_jax.CheckpointError, DatasetError) as e:

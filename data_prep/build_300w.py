@@ -229,6 +229,10 @@ def main(argv=None) -> int:
     if not os.path.isdir(args.manual_dir):
         print(f"build_300w: error: --manual_dir {args.manual_dir} is not a folder", file=sys.stderr)
         return 1
+    if all(missing_folders(args.manual_dir, s) for s in OFFICIAL_SIZES):
+        print(f"build_300w: error: no 300-W subset folder under --manual_dir {args.manual_dir}: expected "
+              f"{', '.join(OFFICIAL_FOLDER_SIZES)} as the archives unpack (README: 300-W)", file=sys.stderr)
+        return 1
     config = config_for(args.image_size)
     builder = Face300W(data_dir=args.data_dir, config=config, skip_bad=args.skip_bad, exif=args.exif, workers=args.workers)
     try:
@@ -238,7 +242,7 @@ def main(argv=None) -> int:
         builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
             manual_dir=args.manual_dir, try_download_gcs=False, download_mode=mode))
     except (BadFileError, ImageError, FileNotFoundError) as e:
-        print(f"build_300w: error: {e}\nNothing was written (TFDS only moves a finished build into place); fix or remove the file, or rerun with --skip_bad.", file=sys.stderr)
+        print(f"build_300w: error: {e}\nNo build was written (TFDS only moves a finished build into place); fix or remove the file, or rerun with --skip_bad.", file=sys.stderr)
         return 1
     for split, info in builder.info.splits.items():
         skipped = len(builder.skipped.get(split, []))

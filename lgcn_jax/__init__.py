@@ -15,6 +15,7 @@ Functional API::
 from lgcn_jax.checkpoint import CheckpointError, load_params
 from lgcn_jax.config import Config, DataConfig, ModelConfig, PostprocessConfig, TrainConfig, apply_overrides, get_config
 from lgcn_jax.heatmaps import argmax_subpixel, render_targets
+from lgcn_jax.image_io import ImageError
 from lgcn_jax.input_pipeline import DatasetError
 from lgcn_jax.kernel_conv import Kernel, kernel_conv, kernel_conv_direct
 from lgcn_jax.loss import heatmap_loss
@@ -29,7 +30,7 @@ from lgcn_jax.track import Tracker, track
 __version__ = "0.1.0"
 
 __all__ = [
-    "CheckpointError", "Config", "DataConfig", "DatasetError", "Face", "Kernel", "LGCNParams", "Model", "ModelConfig", "PostprocessConfig",
+    "CheckpointError", "Config", "DataConfig", "DatasetError", "Face", "ImageError", "Kernel", "LGCNParams", "Model", "ModelConfig", "PostprocessConfig",
     "ShapeModel", "ShapeModelError", "TrainConfig", "Tracker",
     "apply", "apply_overrides", "apply_train", "argmax_subpixel", "build_shape_model", "create_train_state", "detect", "detect_batch", "eval_step", "export_model",
     "get_config", "heatmap_loss", "init", "kernel_conv", "kernel_conv_direct", "load_model", "load_params", "load_pretrained",

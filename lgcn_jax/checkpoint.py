@@ -107,6 +107,11 @@ def check_workdir_config(workdir: str, config: Config) -> Config | None:
     settings may change between runs (e.g. more steps); the network and
     image size may not, since the checkpoint could not be restored into it.
     """
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise CheckpointError(f"--workdir {workdir} is a file, not a folder; name a new folder")
+    if os.path.exists(os.path.join(workdir, PARAMS_FILE)):
+        raise CheckpointError(f"{workdir} holds {PARAMS_FILE}: it is an exported model folder, not a training workdir, and "
+                              f"training there would not update it; train into a new --workdir")
     path = os.path.join(workdir, "config.json")
     if not os.path.exists(path):
         if os.path.isdir(os.path.join(workdir, "last")) and os.listdir(os.path.join(workdir, "last")):
@@ -276,9 +281,18 @@ def load_params(path: str, which: str = "best"):
 
     Returns (LGCNParams, Config).
     """
+    if which not in ("best", "last"):
+        raise ValueError(f"which must be 'best' or 'last', got {which!r}")
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise CheckpointError(f"{path} is a file; a model is a folder: a run_train.py workdir or an exported checkpoint")
     config = read_config(path)
     if os.path.exists(os.path.join(path, PARAMS_FILE)):
         return _load_exported(path, config), config
+    if not any(os.path.isdir(os.path.join(path, d)) for d in ("last", "best")):
+        # Checked before anything is created in the user's folder.
+        raise CheckpointError(f"{path} holds config.json but neither {PARAMS_FILE} (an exported model) nor last/ or best/ "
+                              f"(a run_train.py workdir): copy the missing {PARAMS_FILE} back, or train first with "
+                              f"`python run_train.py --workdir {path}`")
     state = create_train_state(config)
     log_details_to(path)
     ckpts = Checkpoints(path)

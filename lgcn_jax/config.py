@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import typing
 from typing import Any, Mapping, Sequence
 
@@ -270,6 +271,15 @@ def validate(config: Config) -> None:
         raise ValueError(f"data.validation_faces must be >= 0, got {d.validation_faces}")
     if t.batch_size < 1 or t.num_steps < 0:
         raise ValueError("train.batch_size must be positive and train.num_steps non-negative")
+    for name in ("log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
+        if getattr(t, name) < 1:
+            raise ValueError(f"train.{name} must be at least 1, got {getattr(t, name)} (a large value makes it rare)")
+    if not (math.isfinite(t.learning_rate) and t.learning_rate > 0):
+        raise ValueError(f"train.learning_rate must be a positive number, got {t.learning_rate}")
+    if not 0.0 <= m.dropout_rate < 1.0:
+        raise ValueError(f"model.dropout_rate must be in [0, 1), got {m.dropout_rate}")
+    if d.image_size < 8:
+        raise ValueError(f"data.image_size must be at least 8 pixels, got {d.image_size}")
     pp = config.postprocess
     if pp.num_components < 1 or pp.solver_iterations < 1:
         raise ValueError("postprocess.num_components and postprocess.solver_iterations must be positive")
@@ -281,7 +291,22 @@ def config_to_dict(config: Config) -> dict:
     return json.loads(json.dumps(dataclasses.asdict(config)))
 
 
+def _check_stored(value: Any, typ: Any, key: str) -> Any:
+    """A value read from JSON as the field's type (lists -> tuples, ints -> floats where floats are due)."""
+    if typing.get_origin(typ) is tuple:
+        args = typing.get_args(typ)
+        if isinstance(value, (list, tuple)) and (args[-1] is Ellipsis or len(value) == len(args)):
+            return tuple(_check_stored(v, args[0], key) for v in value)
+    elif typ is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    elif isinstance(value, typ) and not (typ is int and isinstance(value, bool)):
+        return value
+    raise ValueError(f"{key} is {value!r}, not of type {getattr(typ, '__name__', typ)}")
+
+
 def config_from_dict(d: Mapping[str, Any]) -> Config:
+    """A Config from ``config_to_dict``'s output (e.g. a stored config.json): unknown fields, values of
+    the wrong type and invalid values raise ValueError naming the field."""
     sections = {}
     for f in dataclasses.fields(Config):
         cls = f.type if isinstance(f.type, type) else {"ModelConfig": ModelConfig, "TrainConfig": TrainConfig, "DataConfig": DataConfig,
@@ -291,6 +316,8 @@ def config_from_dict(d: Mapping[str, Any]) -> Config:
         unknown = set(raw) - set(hints)
         if unknown:
             raise ValueError(f"unknown {f.name} fields in stored config: {sorted(unknown)}")
-        kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()}
+        kwargs = {k: _check_stored(v, hints[k], f"{f.name}.{k}") for k, v in raw.items()}
         sections[f.name] = cls(**kwargs)
-    return Config(**sections)
+    config = Config(**sections)
+    validate(config)
+    return config

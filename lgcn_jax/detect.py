@@ -103,6 +103,8 @@ def landmarks(model, grays: Sequence[np.ndarray], owners: Sequence[int], maps: S
               refine: int = 1, batch_size: int = 32) -> list[Face]:
     """One ``Face`` per crop map: crop ``maps[k]`` f64[2, 3] of image ``grays[owners[k]]`` goes through the network in
     shared batches, then ``refine`` more passes on crops re-cut from the landmarks (``crop.from_landmarks``)."""
+    if refine < 0:
+        raise ValueError(f"refine must be >= 0 (passes re-cut from the landmarks), got {refine}")
     if not owners:
         return []
     size = model.config.data.image_size
@@ -183,6 +185,10 @@ def main(argv=None) -> int:
     p.add_argument("--overwrite", action="store_true", help="replace results already in --out")
     p.add_argument("--no_progress", action="store_true")
     args = p.parse_args(argv)
+    if args.detect_every < 1:
+        p.error(f"--detect_every must be at least 1, got {args.detect_every}")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        p.error(f"--out {args.out} is a file; results go to a folder")
     from lgcn_jax.checkpoint import CheckpointError
     from lgcn_jax.image_io import ImageError
     from lgcn_jax.predict import checkpoint_path, load_model
@@ -195,11 +201,16 @@ def main(argv=None) -> int:
         print(f"lgcn-detect: error: {e}", file=sys.stderr)
         return 1
     os.makedirs(args.out, exist_ok=True)
-    names, seen = [], {}
+    names, taken = [], set()
     for path in args.images:
-        stem = os.path.splitext(os.path.basename(path))[0]
-        seen[stem] = seen.get(stem, 0) + 1
-        names.append(stem if seen[stem] == 1 else f"{stem}_{seen[stem]}")
+        # a.jpg, a.png and a_2.jpg: a, a_2, a_2_2 (no name is given twice)
+        name = stem = os.path.splitext(os.path.basename(path))[0]
+        k = 1
+        while name in taken:
+            k += 1
+            name = f"{stem}_{k}"
+        taken.add(name)
+        names.append(name)
     from lgcn_jax.video import VideoError, annotate_video, is_video
 
     if not args.overwrite:

@@ -70,7 +70,15 @@ def resolve_pipeline(config: DataConfig) -> str:
 
 
 def _data_dir(config: DataConfig) -> str:
-    return os.path.expanduser(config.data_dir or os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets"))
+    """The data folder of ``config``; an error naming it when it cannot hold 300-W (synthetic data is built there)."""
+    data_dir = os.path.expanduser(config.data_dir or os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets"))
+    if os.path.exists(data_dir) and not os.path.isdir(data_dir):
+        raise DatasetError(f"data dir {data_dir} is a file; data.data_dir (--data_dir) takes a folder: a TFDS data dir or an array export")
+    if config.dataset == "300w" and not os.path.isdir(data_dir):
+        raise DatasetError(f"data dir {data_dir} does not exist; pass the folder that holds the 300-W build or export (--data_dir, "
+                           f"data.data_dir; a workdir keeps the one it was trained with in config.json), or build it with "
+                           f"`python -m data_prep.build_300w --manual_dir PATH/TO/300W --data_dir {data_dir}`")
+    return data_dir
 
 
 def _is_export(data_dir: str) -> bool:
@@ -103,11 +111,11 @@ def load_split(config: DataConfig, split: str) -> dict[str, np.ndarray]:
 
 def _absent_split(split: str, config: DataConfig, data_dir: str, available) -> DatasetError:
     if config.dataset == "300w":
-        from data_prep.layout_300w import absent_split_message
+        from data_prep.layout_300w import SUBSETS, absent_split_message
 
         exported = _is_export(data_dir)
         return DatasetError(absent_split_message(split, data_dir) + f" (this {'export' if exported else 'build'} has: {', '.join(sorted(available))})"
-                            + ("; then export it again with `python -m data_prep.export_arrays`" if exported else ""))
+                            + ("; then export it again with `python -m data_prep.export_arrays`" if exported and split in SUBSETS else ""))
     return DatasetError(f"split {split!r} does not exist in {config.dataset} under {data_dir}; available: {sorted(available)}")
 
 
@@ -197,6 +205,12 @@ def _load_exported(data_dir: str, config: DataConfig, split: str) -> dict[str, n
         got = {k: (v.shape, str(v.dtype)) for k, v in out.items()}
         raise DatasetError(f"{path} does not hold the {n} examples {ARRAYS_META} lists (found {got}); copy or export it again")
     out["landmarks"] = landmarks.astype(np.float32)
+    # Every face's points lie in or near its crop (the builders frame the landmark box with a margin).
+    side = image.shape[1]
+    bad = ~np.all(np.isfinite(landmarks) & (np.abs(landmarks - side / 2.0) <= side), axis=(1, 2))
+    if bad.any():
+        raise DatasetError(f"{path}: the landmarks of {int(bad.sum())} faces (first: example {int(np.argmax(bad))}) are not finite or lie "
+                           f"far outside their {side}x{side} crop; the file was changed after export: copy or export it again")
     return out
 
 
@@ -207,10 +221,19 @@ def export_arrays(config: DataConfig, out_dir: str, splits=None, overwrite: bool
     Returns the metadata written.
     """
     data_dir = _data_dir(config)
-    names = list(splits) if splits else available_splits(config)
+    if _is_export(data_dir):
+        raise DatasetError(f"{data_dir} is already an array export; export_arrays reads a TFDS build (the --data_dir of build_300w)")
+    available = available_splits(config)
+    names = list(splits) if splits else available
+    for name in names:
+        if name not in available:
+            raise _absent_split(name, config, data_dir, available)
     meta_path = os.path.join(out_dir, ARRAYS_META)
-    if os.path.exists(meta_path) and not overwrite:
-        raise DatasetError(f"{out_dir} already holds an export ({ARRAYS_META}); pass overwrite=True (--overwrite) or another folder")
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise DatasetError(f"--out {out_dir} is a file; name a folder")
+    if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
+        what = f"an export ({ARRAYS_META})" if os.path.exists(meta_path) else f"other files ({', '.join(sorted(os.listdir(out_dir))[:3])})"
+        raise DatasetError(f"{out_dir} is not empty: it holds {what}; nothing was written. Pass overwrite=True (--overwrite) or an empty folder")
     os.makedirs(out_dir, exist_ok=True)
     meta = {"format": ARRAYS_FORMAT, "dataset": config.dataset, "source": os.path.abspath(data_dir), "splits": {}}
     for name in names:

@@ -14,9 +14,10 @@ import math
 import os
 import time
 
-__all__ = ["MetricWriter", "read_metrics", "METRICS_FILE"]
+__all__ = ["MetricWriter", "read_metrics", "METRICS_FILE", "DROPPED_FILE"]
 
 METRICS_FILE = "metrics.jsonl"
+DROPPED_FILE = "metrics.dropped.jsonl"  # lines of steps that a resumed run trains again
 log = logging.getLogger("lgcn_jax")
 
 
@@ -24,14 +25,27 @@ class MetricWriter:
     """Append scalars to ``metrics.jsonl`` and (if available) TensorBoard, keyed by step.
 
     On resume at ``start_step`` the lines of later steps, written by the interrupted run
-    for steps that will be trained again, are dropped so each step is logged once.
+    for steps that will be trained again, move to ``metrics.dropped.jsonl`` so each step is
+    logged once in ``metrics.jsonl`` and no line is lost.  A file that is not such a log
+    (a record without "step") raises ValueError naming it; nothing is changed then.
     """
 
     def __init__(self, workdir: str, start_step: int = 0):
         os.makedirs(workdir, exist_ok=True)
         self.path = os.path.join(workdir, METRICS_FILE)
         if os.path.exists(self.path):
-            kept = [r for r in read_metrics(workdir) if r["step"] <= start_step]
+            records = read_metrics(workdir)
+            for k, r in enumerate(records):
+                if not isinstance(r, dict) or not isinstance(r.get("step"), int):
+                    raise ValueError(f"{self.path}: record {k + 1} ({json.dumps(r)[:80]}) is not an lgcn_jax metrics line "
+                                     f"(no integer \"step\"); move the file away or use another --workdir")
+            kept = [r for r in records if r["step"] <= start_step]
+            dropped = [r for r in records if r["step"] > start_step]
+            if dropped:
+                with open(os.path.join(workdir, DROPPED_FILE), "a") as f:
+                    f.writelines(json.dumps(r) + "\n" for r in dropped)
+                log.warning("%s: %d lines of steps %d-%d, after the step this run starts from (%d), moved to %s",
+                            self.path, len(dropped), dropped[0]["step"], dropped[-1]["step"], start_step, DROPPED_FILE)
             tmp = self.path + ".tmp"
             with open(tmp, "w") as f:
                 f.writelines(json.dumps(r) + "\n" for r in kept)
@@ -78,9 +92,10 @@ class MetricWriter:
             self._tb.close()
 
 
-def read_metrics(workdir: str) -> list[dict]:
-    """All records of ``WORKDIR/metrics.jsonl`` in order (a torn last line, from a killed run, is skipped)."""
-    path = os.path.join(workdir, METRICS_FILE)
+def read_metrics(workdir: str, file: str = METRICS_FILE) -> list[dict]:
+    """All records of ``WORKDIR/metrics.jsonl`` (or ``file``, e.g. ``DROPPED_FILE``) in order (a torn line, from
+    a killed run, is skipped)."""
+    path = os.path.join(workdir, file)
     records = []
     with open(path) as f:
         for line in f:

@@ -144,6 +144,8 @@ def check_images(images: Any) -> jax.Array:
             f"images must have shape [B, H, W, 1] (grayscale, channels last), got {tuple(images.shape)}; "
             "add axes with images[None, ..., None] or convert RGB to gray first"
         )
+    if 0 in images.shape:
+        raise ValueError(f"images of shape {tuple(images.shape)} hold no pixels")
     if images.dtype == jnp.uint8:
         return images.astype(jnp.float32) / 255.0
     return images.astype(jnp.float32)
@@ -164,6 +166,9 @@ def apply(params: LGCNParams, images: jax.Array) -> jax.Array:
     Returns:
       f32[B, H, W, num_landmarks]: blurred heatmaps, about 1 at a landmark.
     """
+    if not isinstance(params, LGCNParams):
+        raise TypeError(f"apply takes LGCNParams (from init, or a Model's .params), got {type(params).__name__}"
+                        + ("; pass model.params, or use lgcn_jax.predict(model, images) for landmarks" if hasattr(params, "params") else ""))
     return _apply(params, check_images(images))
 
 

@@ -76,8 +76,11 @@ def load_model(path: str, which: str = "best", require_shape_model: bool = True)
 
     Raises CheckpointError / ShapeModelError naming the missing or corrupt file.
     """
-    from lgcn_jax.checkpoint import load_params
+    from lgcn_jax.checkpoint import CheckpointError, load_params
 
+    if not os.path.exists(path) and os.path.isdir(pretrained_path(path)):
+        raise CheckpointError(f"no folder {path!r} here; {path!r} is a released checkpoint: load_pretrained({path!r}) "
+                              f"(--checkpoint {path} for run_eval.py and lgcn-detect)")
     params, config = load_params(path, which=which)
     if require_shape_model or os.path.exists(os.path.join(path, "shape_model.npz")):
         shape_model = load_shape_model(path)

@@ -23,6 +23,7 @@ the eye-distance scale it stayed at 1.2-1.7%).
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Iterable, Iterator
 
 import numpy as np
@@ -72,6 +73,10 @@ class Tracker:
     def __post_init__(self):
         if self.detect_every < 1:
             raise ValueError(f"detect_every must be at least 1, got {self.detect_every}")
+        if not 0.0 <= self.min_confidence <= 1.0:
+            raise ValueError(f"min_confidence is a mean heatmap value in [0, 1], got {self.min_confidence}")
+        if self.refine < 0:
+            raise ValueError(f"refine must be >= 0, got {self.refine}")
         self.detector = get_detector(self.detector)
 
     def update(self, frame) -> list[Face]:
@@ -179,8 +184,8 @@ def track(frames: Iterable, params=None, *, detector: str | FaceDetector | None 
     """Landmarks of every face in each of ``frames``, with a ``track_id`` that follows a face across frames.
 
     Args:
-      frames: an iterable of frames (u8[H, W] gray, RGB u8[H, W, 3], PIL images or paths); a
-        generator is consumed lazily.
+      frames: an iterable of frames (u8[H, W] gray, RGB u8[H, W, 3], PIL images or paths; a
+        generator is consumed lazily), or the path of a video file (read frame by frame).
       params: a ``Model``; None loads the released weights (``load_pretrained``).
       detector, detect_every, min_confidence, refine: see ``Tracker``.
     Yields:
@@ -192,5 +197,9 @@ def track(frames: Iterable, params=None, *, detector: str | FaceDetector | None 
     if not isinstance(model, Model):
         raise TypeError("params must be a lgcn_jax.Model (from load_model / load_pretrained), or None for the released weights")
     tracker = Tracker(model, detector=detector, detect_every=detect_every, min_confidence=min_confidence, refine=refine)
+    if isinstance(frames, (str, os.PathLike)):  # one path: a video (a string is not a sequence of frames)
+        from lgcn_jax.video import read_frames
+
+        frames = read_frames(os.fspath(frames))
     for frame in frames:
         yield tracker.update(frame)

@@ -216,11 +216,11 @@ def train_and_evaluate(config: Config, workdir: str, progress: bool = True) -> d
     elif stored is None:
         log.info("fresh run in %s (%s input pipeline, %d device(s))", workdir, pipeline, mesh.devices.size)
     state = sharding.replicate(state, mesh)
+    writer = MetricWriter(workdir, start) if primary else MetricWriter.disabled()
     if primary:
         ckpt_lib.write_config(workdir, config)
         if not os.path.exists(os.path.join(workdir, shape_model_lib.FILENAME)):
             write_shape_model(config, workdir, train_data)
-    writer = MetricWriter(workdir, start) if primary else MetricWriter.disabled()
     result: dict = {}
 
     def validate(step: int) -> tuple[dict, network.LGCNParams]:
@@ -291,19 +291,26 @@ def train_and_evaluate(config: Config, workdir: str, progress: bool = True) -> d
     return result
 
 
-def export_workdir(workdir: str, directory: str, which: str = "best", recalibrate_batches: int = 0) -> str:
+def export_workdir(workdir: str, directory: str, which: str = "best", recalibrate_batches: int = 0, data_dir: str | None = None) -> str:
     """Write a workdir's checkpoint as a self-contained folder (config.json, params.msgpack, shape_model.npz).
 
     With ``recalibrate_batches`` > 0 the BatchNorm statistics are measured again over that many
     batches of unaugmented training crops first (the best checkpoint already carries
-    ``train.bn_recalibration_batches`` of them).  Refuses to write into a non-empty ``directory``.
+    ``train.bn_recalibration_batches`` of them), read from ``data_dir`` (default: the workdir's stored one).
+    Refuses to write into a non-empty ``directory``.
     """
     from lgcn_jax.predict import export_model, load_model
 
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        raise ckpt_lib.CheckpointError(f"{directory} is a file; export to a new folder")
     if os.path.isdir(directory) and os.listdir(directory):
         raise ckpt_lib.CheckpointError(f"{directory} exists and is not empty; nothing was written. Export to a new folder or remove it first")
+    if recalibrate_batches < 0:
+        raise ValueError(f"recalibrate_batches must be >= 0, got {recalibrate_batches}")
     model = load_model(workdir, which=which)
     if recalibrate_batches:
         config = dataclasses.replace(model.config, train=dataclasses.replace(model.config.train, bn_recalibration_batches=recalibrate_batches))
+        if data_dir:
+            config = dataclasses.replace(config, data=dataclasses.replace(config.data, data_dir=data_dir))
         model = model._replace(params=recalibrated(model.params, training_splits(config)[0], config))
     return export_model(model, directory)

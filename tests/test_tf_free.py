@@ -136,7 +136,7 @@ def test_export_round_trip_and_refusals(synthetic_data_dir, synthetic_export, tm
         assert all(np.array_equal(a[k], b[k]) for k in a)
     small = ip.load_split(DataConfig(data_dir=synthetic_export, image_size=48), "train")
     assert small["image"].shape[1:] == (48, 48, 1)
-    with pytest.raises(ip.DatasetError, match="already holds an export"):
+    with pytest.raises(ip.DatasetError, match=r"is not empty: it holds an export \(lgcn_arrays.json\)"):
         ip.export_arrays(DataConfig(data_dir=synthetic_data_dir), synthetic_export)
     with pytest.raises(ip.DatasetError, match="export of dataset 'synthetic', but data.dataset is '300w'"):
         ip.load_split(DataConfig(dataset="300w", data_dir=synthetic_export), "train")
@@ -223,6 +223,8 @@ def test_metric_writer_keeps_every_number_once_across_resumes(tmp_path):
     w.close()
     records = read_metrics(str(tmp_path))
     assert [r["step"] for r in records] == [1, 2, 3, 4] and records[-1]["train/loss"] == 0.3
+    # The lines of the steps trained again are kept aside, not lost.
+    assert [r["step"] for r in read_metrics(str(tmp_path), "metrics.dropped.jsonl")] == [4, 5, 6]
     from tensorboard.backend.event_processing.event_file_loader import LegacyEventFileLoader
 
     events = [e for f in sorted(os.listdir(tmp_path / "tb")) for e in LegacyEventFileLoader(str(tmp_path / "tb" / f)).Load()]

@@ -1,5 +1,6 @@
 """track(): a face followed through a synthetic clip; videos in and out through lgcn-detect."""
 
+import itertools
 import json
 import os
 
@@ -108,6 +109,11 @@ def test_cli_video_writes_json_lines_and_annotated_video(clip, tmp_path, capsys)
     annotated = list(read_frames(str(out / "clip_landmarks.mp4")))
     assert len(annotated) == 8 and annotated[0].shape == (H, W, 3)
     assert "8 frames" in capsys.readouterr().out
+    # track() takes the video's path too (a string is not read as a sequence of frames).
+    first = list(itertools.islice(lgcn_jax.track(video), 2))
+    for faces, line in zip(first, lines):
+        assert len(faces) == 1
+        np.testing.assert_allclose(faces[0].landmarks, line["faces"][0]["landmarks"], atol=0.006)  # JSON keeps 2 decimals
     # Existing results are kept unless --overwrite.
     assert main([video, "--out", str(out), "--no_progress"]) == 1
     assert "already holds results for clip" in capsys.readouterr().err
