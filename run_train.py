@@ -40,9 +40,13 @@ def main(argv=None) -> int:
     logging.getLogger("absl").setLevel(logging.WARNING)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     if args.distributed:
-        import jax
+        from lgcn_jax.sharding import initialize_distributed
 
-        jax.distributed.initialize()  # coordinator, process count and id from the environment (or the cluster)
+        try:
+            initialize_distributed()  # coordinator, process count and id from the environment (or the cluster)
+        except ValueError as e:
+            print(f"run_train.py: error: --distributed: {e}", file=sys.stderr)
+            return 2
     import lgcn_jax
     from lgcn_jax.input_pipeline import DatasetError
 

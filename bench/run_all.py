@@ -14,6 +14,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -38,8 +39,11 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tiny", action="store_true", help="tiny sizes: a smoke run, numbers mean nothing")
     p.add_argument("--data_dir", help="TFDS data dir for the training benchmark (the synthetic set is built there if missing)")
-    p.add_argument("--out", default=os.path.join(HERE, "results.json"))
+    p.add_argument("--out", help="results file (default: bench/results.json; with --tiny a temporary folder, so that "
+                                 "a smoke run never replaces the measured results)")
     args = p.parse_args(argv)
+    if not args.out:
+        args.out = os.path.join(tempfile.mkdtemp(prefix="lgcn_bench_tiny_"), "results.json") if args.tiny else os.path.join(HERE, "results.json")
     tmp = os.path.dirname(os.path.abspath(args.out))
     os.makedirs(tmp, exist_ok=True)
     part = lambda name: os.path.join(tmp, f"results_{name}.json")  # noqa: E731

@@ -87,4 +87,6 @@ def convert(onnx_path, out_path):
 
 
 if __name__ == "__main__":
+    if len(sys.argv) != 3:
+        sys.exit("usage: python -m data_prep.convert_yunet YUNET.onnx OUT.npz   (needs `pip install onnx`)")
     convert(sys.argv[1], sys.argv[2])

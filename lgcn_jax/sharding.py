@@ -12,15 +12,35 @@ Several processes (hosts): call ``jax.distributed.initialize()`` first (``run_tr
 
 from __future__ import annotations
 
+import os
 from typing import Any, Sequence
 
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-__all__ = ["data_mesh", "batch_sharding", "replicated", "replicate", "local_rows", "check_batch_size", "shard_batch", "shard_leading", "pad_rows"]
+__all__ = ["data_mesh", "batch_sharding", "replicated", "replicate", "local_rows", "check_batch_size", "shard_batch", "shard_leading", "pad_rows", "initialize_distributed"]
 
 AXIS = "data"
+
+
+def initialize_distributed(environ=None) -> dict:
+    """``jax.distributed.initialize`` for one process of a multi-host run; returns the arguments it was given.
+
+    On SLURM, Open MPI or a Cloud TPU slice JAX finds the coordinator, process count and id
+    itself.  Elsewhere set ``JAX_COORDINATOR_ADDRESS=host0:1234`` (read by JAX), and
+    ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID`` (read here: JAX has no variables for them).
+    """
+    environ = os.environ if environ is None else environ
+    kwargs = {}
+    for var, arg in (("JAX_NUM_PROCESSES", "num_processes"), ("JAX_PROCESS_ID", "process_id")):
+        if environ.get(var, "").strip():
+            try:
+                kwargs[arg] = int(environ[var])
+            except ValueError:
+                raise ValueError(f"{var}={environ[var]!r} is not a whole number") from None
+    jax.distributed.initialize(**kwargs)
+    return kwargs
 
 
 def data_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:

@@ -243,12 +243,14 @@ def train_and_evaluate(config: Config, workdir: str, progress: bool = True) -> d
     step = start
     window_start, window_steps = time.perf_counter(), 0
     skipped = jnp.zeros((), jnp.int32)  # on the device: counting costs no synchronisation
-    saved = start
+    saved = start if restored is not None else None  # the newest checkpoint's step
 
     def check_finite(loss_value: float) -> None:
         if not np.isfinite(loss_value) and not t.skip_nonfinite:
             raise FloatingPointError(
-                f"loss became {loss_value} at step {step}; the newest checkpoint is {workdir}/last/{saved}. Lower "
+                f"loss became {loss_value} at step {step}; "
+                + (f"the newest checkpoint is {workdir}/last/{saved}" if saved is not None else "no checkpoint was written yet")
+                + ". Lower "
                 "train.learning_rate, enable train.grad_clip, or set train.skip_nonfinite=true to skip such batches")
 
     try:

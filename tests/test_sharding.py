@@ -96,3 +96,18 @@ def test_checkpoint_of_two_devices_restores_on_one_and_predict_agrees(tmp_path, 
 
     assert two["devices"] == 2 and one["devices"] == 1
     assert np.abs(np.array(two["pred"]) - np.array(one["pred"])).max() < 1e-3
+
+
+def test_initialize_distributed_reads_the_process_count_and_id_that_jax_does_not(monkeypatch):
+    import jax
+
+    from lgcn_jax import sharding
+
+    calls = []
+    monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: calls.append(kw))
+    env = {"JAX_COORDINATOR_ADDRESS": "host0:1234", "JAX_NUM_PROCESSES": "4", "JAX_PROCESS_ID": "2"}
+    assert sharding.initialize_distributed(env) == {"num_processes": 4, "process_id": 2}
+    assert sharding.initialize_distributed({}) == {}  # SLURM, MPI, TPU: JAX finds them itself
+    assert calls == [{"num_processes": 4, "process_id": 2}, {}]
+    with pytest.raises(ValueError, match="JAX_PROCESS_ID='first' is not a whole number"):
+        sharding.initialize_distributed({"JAX_PROCESS_ID": "first"})
