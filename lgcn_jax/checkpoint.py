@@ -60,7 +60,27 @@ def log_details_to(workdir: str) -> str:
         _DETAILS.setLevel(logging.DEBUG)
     if not getattr(sys.unraisablehook, "_lgcn_quiet", False):
         sys.unraisablehook = _quiet_unraisablehook(sys.unraisablehook)
+    asyncio_log = logging.getLogger("asyncio")
+    if not any(isinstance(f, _OrbaxTaskFilter) for f in asyncio_log.filters):
+        asyncio_log.addFilter(_OrbaxTaskFilter())
     return path
+
+
+def _from_failed_restore(text: str) -> bool:
+    return "orbax" in text or "tensorstore" in text.lower() or "_read_array_index" in text
+
+
+class _OrbaxTaskFilter(logging.Filter):
+    """After a failed restore, orbax's other array reads fail too, and asyncio reports each as "Task exception
+    was never retrieved" with a traceback (once per array, many screens).  The restore's own error says
+    what happened: these go to the workdir's log file only."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if message.startswith("Task exception was never retrieved") and _from_failed_restore(message):
+            _DETAILS.debug("%s", message, exc_info=record.exc_info)
+            return False
+        return True
 
 
 def _quiet_unraisablehook(original):
@@ -69,7 +89,7 @@ def _quiet_unraisablehook(original):
         # asyncio loop orbax has already closed; each callback reports this error as unraisable. It
         # tells the user nothing: keep it in the log file, let every other report through.
         value = unraisable.exc_value
-        if isinstance(value, RuntimeError) and str(value) == "Event loop is closed":
+        if (isinstance(value, RuntimeError) and str(value) == "Event loop is closed") or _from_failed_restore(repr(unraisable.object)):
             _DETAILS.debug("late TensorStore callback after a failed checkpoint operation",
                            exc_info=(unraisable.exc_type, value, unraisable.exc_traceback))
             return

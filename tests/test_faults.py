@@ -1,6 +1,7 @@
 """Training that survives faults: a corrupt newest checkpoint, a corrupt best/, SIGTERM, non-finite losses, a full disk."""
 
 import errno
+import logging
 import os
 import re
 import signal
@@ -183,3 +184,17 @@ def test_failing_write_names_the_workdir_and_keeps_earlier_checkpoints(tmp_path,
     assert _steps(wd) == [2, 4]  # nothing deleted, no partial step taken for a checkpoint
     state, step = checkpoint.Checkpoints(wd).restore_latest(train.create_train_state(_config(synthetic_data_dir, 8)))
     assert step == 4 and int(state.step) == 4
+
+
+def test_orbax_read_errors_after_a_failed_restore_go_to_the_log_file(tmp_path, caplog):
+    path = checkpoint.log_details_to(str(tmp_path))
+    asyncio_log = logging.getLogger("asyncio")
+    orbax_task = ("Task exception was never retrieved\nfuture: <Task finished name='Task-287' coro=<async_deserialize() done, "
+                  "defined at /venv/orbax/checkpoint/_src/serialization/serialization.py:394> exception=Exception('reading array index')>")
+    with caplog.at_level(logging.ERROR):
+        asyncio_log.error(orbax_task)
+        asyncio_log.error("Task exception was never retrieved\nfuture: <Task finished coro=<mine()>>")  # not orbax's: shown
+    assert [r.getMessage().splitlines()[-1] for r in caplog.records] == ["future: <Task finished coro=<mine()>>"]
+    for h in logging.getLogger("lgcn_jax.details").handlers:
+        h.flush()
+    assert "async_deserialize" in open(path).read()
