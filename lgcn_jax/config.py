@@ -307,6 +307,9 @@ def _check_stored(value: Any, typ: Any, key: str) -> Any:
 def config_from_dict(d: Mapping[str, Any]) -> Config:
     """A Config from ``config_to_dict``'s output (e.g. a stored config.json): unknown fields, values of
     the wrong type and invalid values raise ValueError naming the field."""
+    unknown = set(d) - {f.name for f in dataclasses.fields(Config)}
+    if unknown:
+        raise ValueError(f"unknown sections {sorted(unknown)} in stored config (an lgcn_jax config has model, train, data, postprocess)")
     sections = {}
     for f in dataclasses.fields(Config):
         cls = f.type if isinstance(f.type, type) else {"ModelConfig": ModelConfig, "TrainConfig": TrainConfig, "DataConfig": DataConfig,

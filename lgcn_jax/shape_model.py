@@ -123,6 +123,8 @@ def build_shape_model(landmarks: np.ndarray, image_size: int, num_components: in
       alignment_iterations: rounds of aligning every shape to the current mean
         and recomputing the mean (generalised Procrustes, rotation only).
     """
+    if image_size < 1:
+        raise ValueError(f"image_size is the crop side in pixels, got {image_size}")
     shapes = np.asarray(landmarks, np.float64)
     if shapes.ndim != 3 or shapes.shape[-1] != 2:
         raise ValueError(f"landmarks must have shape [N, L, 2], got {shapes.shape}")

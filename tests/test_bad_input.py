@@ -35,6 +35,8 @@ def test_stored_config_values_are_checked_and_the_file_named(tmp_path, section, 
     (tmp_path / "config.json").write_text(json.dumps(_stored(section, key, value)))
     with pytest.raises(lgcn_jax.CheckpointError, match=f"{tmp_path}/config.json is corrupt or from an incompatible"):
         checkpoint.read_config(str(tmp_path))
+    with pytest.raises(ValueError, match=r"unknown sections \['lr'\]"):
+        config_from_dict({"lr": 0.1})
     # ints where floats are due are read as floats; the presets round-trip
     assert config_from_dict(_stored("train", "learning_rate", 1)).train.learning_rate == 1.0
     assert config_from_dict(config_to_dict(lgcn_jax.get_config("paper"))) == lgcn_jax.get_config("paper")
