@@ -33,6 +33,9 @@ def to_gray(image) -> np.ndarray:
     """u8[H, W] grayscale from a PIL image or an array (u8/u16/float, [H, W], [H, W, 1|3|4])."""
     if isinstance(image, Image.Image):
         return _pil_to_gray(image)
+    if isinstance(image, (list, tuple)) and (not image or isinstance(image[0], (str, os.PathLike, Image.Image))):
+        raise ImageError(f"got a {type(image).__name__} of {len(image)} images where one image is due; "
+                         "detect_batch (and track, for video frames) take several")
     a = np.asarray(image)
     if a.ndim == 3 and a.shape[-1] == 1:
         a = a[..., 0]
@@ -78,6 +81,8 @@ def open_image(path: str) -> Image.Image:
     """Open and fully decode an image file, or raise ImageError naming it."""
     if not os.path.exists(path):
         raise ImageError(f"{path}: no such file")
+    if os.path.isdir(path):
+        raise ImageError(f"{path} is a folder, not an image")
     try:
         im = Image.open(path)
         im.load()

@@ -95,8 +95,12 @@ def test_model_paths_name_what_is_missing_and_create_nothing(tmp_path, monkeypat
     assert os.listdir(half) == ["config.json"]
 
 
-def test_apply_names_a_model_passed_for_its_params_and_an_empty_batch():
+def test_apply_names_a_model_passed_for_its_params_and_an_empty_batch(tmp_path):
     model = lgcn_jax.load_pretrained("synthetic_quick")
+    with pytest.raises(lgcn_jax.ImageError, match="a list of 1 images where one image is due; detect_batch"):
+        lgcn_jax.detect(["a.jpg"], model)
+    with pytest.raises(lgcn_jax.ImageError, match="is a folder, not an image"):
+        lgcn_jax.detect(tmp_path, model)
     with pytest.raises(TypeError, match="pass model.params"):
         lgcn_jax.apply(model, np.zeros((1, 64, 64, 1), np.float32))
     with pytest.raises(ValueError, match="hold no pixels"):
