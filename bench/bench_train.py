@@ -5,7 +5,8 @@
 Times ``train_step`` on device-resident batches (images/s consumed) and, separately,
 the input pipeline (examples/s produced), in the same run: tf.data with augmentation where
 TensorFlow is installed, else NumPy batches whose augmentation runs inside the timed step
-(``data.pipeline``).  Writes bench/results_train.json.
+(``data.pipeline``; synthetic faces are then generated in memory unless ``--data_dir`` is an
+array export).  Writes bench/results_train.json.
 """
 
 from __future__ import annotations
@@ -65,18 +66,29 @@ def main(argv=None) -> dict:
     p.add_argument("--data_dir")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--pipeline_batches", type=int, default=100)
+    p.add_argument("--faces", type=int, default=512, help="synthetic faces to generate where TensorFlow is absent to build the set")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results_train.json"))
     args = p.parse_args(argv)
     overrides = list(args.config) + [f"data.dataset={args.dataset}"] + ([f"data.data_dir={args.data_dir}"] if args.data_dir else [])
     cfg = lgcn_jax.apply_overrides(lgcn_jax.get_config(args.preset), overrides)
-    data = input_pipeline.load_split(cfg.data, "train")
     pipeline = input_pipeline.resolve_pipeline(cfg.data)
+    source = "train split"
+    try:
+        data = input_pipeline.load_split(cfg.data, "train")
+    except input_pipeline.DatasetError:
+        if cfg.data.dataset != "synthetic" or pipeline == "tf":
+            raise
+        # No TensorFlow to build or read the TFDS set (e.g. a GPU box): the same faces, generated here.
+        from data_prep.synthetic_faces import make_split
+
+        images, landmarks = make_split("train", args.faces, cfg.data.image_size)
+        data, source = {"image": images[..., None], "landmarks": landmarks}, f"{args.faces} synthetic faces generated in memory"
     consume, compile_s = step_rate(data, cfg, args.steps, pipeline)
     produce = pipeline_rate(data, cfg, cfg.train.batch_size, args.pipeline_batches, pipeline)
     bound = "input-bound" if produce < consume else "compute-bound"
     print(f"{args.preset} ({cfg.data.image_size} px, batch {cfg.train.batch_size}, {pipeline} pipeline): train step consumes {consume:8.1f} img/s "
           f"(first step incl. compile {compile_s:.1f} s); pipeline produces {produce:8.1f} img/s -> {produce / consume:.1f}x headroom, {bound}", flush=True)
-    result = {"machine": machine(), "preset": args.preset, "overrides": overrides, "pipeline": pipeline, "image_size": cfg.data.image_size,
+    result = {"machine": machine(), "preset": args.preset, "overrides": overrides, "pipeline": pipeline, "data": source, "image_size": cfg.data.image_size,
               "batch": cfg.train.batch_size, "train_images_per_s": consume, "first_step_s": compile_s,
               "pipeline_images_per_s": produce, "pipeline_over_step": produce / consume, "verdict": bound}
     return write_results(result, args.out)

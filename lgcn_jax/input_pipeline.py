@@ -152,9 +152,9 @@ def _tfds_builder(data_dir: str, config: DataConfig):
 
 
 def _load_tfds(data_dir: str, config: DataConfig, split: str) -> dict[str, np.ndarray]:
+    builder = _tfds_builder(data_dir, config)  # first: without TensorFlow it says what to do instead
     import tensorflow_datasets as tfds
 
-    builder = _tfds_builder(data_dir, config)
     if split not in builder.info.splits:
         raise _absent_split(split, config, data_dir, builder.info.splits)
     arrays = tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1, shuffle_files=False))

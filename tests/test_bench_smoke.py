@@ -27,6 +27,22 @@ def test_run_all_tiny(tmp_path, synthetic_data_dir, capsys):
         assert (tmp_path / f"results_{part}.json").exists()
 
 
+def test_bench_train_runs_without_tensorflow(tmp_path):
+    """On a machine without TensorFlow (the GPU box) the synthetic faces are generated in memory."""
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = ("import sys, json; sys.modules['tensorflow'] = None; sys.modules['tensorflow_datasets'] = None; "
+            f"sys.path.insert(0, {os.path.join(root, 'bench')!r}); import bench_train; "
+            "r = bench_train.main(['--config', 'model.num_filters=4', 'model.local_5x5_layers=1', 'model.local_3x3_layers=1', "
+            "'model.global_layers=1', 'model.kernel_size=9', 'data.image_size=32', 'train.batch_size=2', '--steps', '1', "
+            f"'--pipeline_batches', '2', '--faces', '8', '--data_dir', {str(tmp_path / 'none')!r}, '--out', {str(tmp_path / 'r.json')!r}]); "
+            "print(json.dumps([r['pipeline'], r['data']]))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == ["jax", "8 synthetic faces generated in memory"]
+
+
 def _write_trace(path, events):
     import gzip
 
