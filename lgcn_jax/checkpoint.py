@@ -281,7 +281,8 @@ def export_params(directory: str, params, config: Config) -> None:
 def _load_exported(path: str, config: Config):
     from flax import serialization
 
-    template = network.init(jax.random.key(0), config, image_size=config.data.image_size)
+    # Shapes only: running init (a compiled forward pass) would cost seconds for the paper network.
+    template = jax.eval_shape(lambda key: network.init(key, config, image_size=config.data.image_size), jax.random.key(0))
     file = os.path.join(path, PARAMS_FILE)
     try:
         with open(file, "rb") as f:

@@ -207,3 +207,23 @@ def test_default_weights_find_the_features_of_a_real_photo():
                    "nose tip": (lm[30], (265, 240), 12), "mouth": (lm[48:68].mean(0), (265, 275), 12), "chin": (lm[8], (270, 333), 15)}
     for name, (found, expected, tol) in read_by_eye.items():
         assert np.linalg.norm(found - np.array(expected)) < tol, (name, found, expected)
+
+
+def test_lgcn_detect_keeps_compiled_programs_in_the_user_cache_unless_one_is_set(tmp_path):
+    import subprocess
+    import sys
+
+    from lgcn_jax.detect import enable_compilation_cache
+
+    assert enable_compilation_cache(str(tmp_path / "unused")) == os.environ["JAX_COMPILATION_CACHE_DIR"]  # the suite's own: kept
+    assert not (tmp_path / "unused").exists()
+    env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+    env["XDG_CACHE_HOME"] = str(tmp_path / "xdg")
+    code = ("import jax, jax.numpy as jnp; from lgcn_jax.detect import enable_compilation_cache; "
+            "print(enable_compilation_cache()); jax.config.update('jax_persistent_cache_min_compile_time_secs', 0); "
+            "jax.jit(lambda x: jnp.sin(x) * 2)(jnp.ones(3)).block_until_ready()")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    cache = tmp_path / "xdg" / "lgcn_jax" / "xla"
+    assert out.stdout.strip().splitlines()[-1] == str(cache)
+    assert os.listdir(cache)  # the program was stored
