@@ -314,7 +314,11 @@ def load_params(path: str, which: str = "best"):
         raise CheckpointError(f"{path} holds config.json but neither {PARAMS_FILE} (an exported model) nor last/ or best/ "
                               f"(a run_train.py workdir): copy the missing {PARAMS_FILE} back, or train first with "
                               f"`python run_train.py --workdir {path}`")
-    state = create_train_state(config)
+    # The restore target needs shapes, dtypes and placement only (creating the state would compile and run
+    # a forward pass: seconds for the paper network).
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    state = jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device),
+                                   jax.eval_shape(lambda: create_train_state(config)))
     log_details_to(path)
     ckpts = Checkpoints(path)
     try:
