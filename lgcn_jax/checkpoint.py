@@ -13,12 +13,19 @@ complete, so a run killed mid-save leaves no half checkpoint behind.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import os
+import socket
 import sys
 from typing import Any
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; workdirs are not guarded there
+    fcntl = None
 
 import jax
 import orbax.checkpoint as ocp
@@ -27,7 +34,7 @@ from lgcn_jax import network
 from lgcn_jax.config import EXECUTION_FIELDS, Config, config_from_dict, config_to_dict
 from lgcn_jax.train_state import create_train_state
 
-__all__ = ["CheckpointError", "check_workdir_config", "write_config", "read_config", "Checkpoints", "load_params", "export_params"]
+__all__ = ["CheckpointError", "check_workdir_config", "workdir_lock", "write_config", "read_config", "Checkpoints", "load_params", "export_params"]
 
 
 class CheckpointError(RuntimeError):
@@ -118,6 +125,38 @@ def read_config(workdir: str) -> Config:
 def _diff(a: Any, b: Any, prefix: str) -> list[str]:
     da, db = config_to_dict(a) if isinstance(a, Config) else a, config_to_dict(b) if isinstance(b, Config) else b
     return [f"{prefix}{k}: stored {da[k]!r}, requested {db[k]!r}" for k in da if da[k] != db.get(k)]
+
+
+LOCK_FILE = ".lock"
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: str):
+    """Hold ``workdir`` for one training run: a second run started on it (the same command twice, two jobs)
+    would interleave checkpoints and logs, so it gets a CheckpointError naming the holder.  An advisory
+    lock on ``WORKDIR/.lock``; the system releases it when the process ends, however it ends."""
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise CheckpointError(f"--workdir {workdir} is a file, not a folder; name a new folder")
+    os.makedirs(workdir, exist_ok=True)
+    f = open(os.path.join(workdir, LOCK_FILE), "a+")
+    try:
+        if fcntl is not None:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                f.seek(0)
+                holder = f.read().strip() or "another process"
+                raise CheckpointError(f"{workdir} is in use by another training run ({holder}); wait for it to end, "
+                                      "stop it, or use another --workdir") from None
+            except OSError as e:  # a file system without locks (some network mounts): run unguarded
+                log.debug("cannot lock %s (%s); running without the guard", workdir, e)
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        f.flush()
+        yield
+    finally:
+        f.close()  # closing releases the lock
 
 
 def check_workdir_config(workdir: str, config: Config) -> Config | None:

@@ -196,10 +196,17 @@ def train_and_evaluate(config: Config, workdir: str, progress: bool = True) -> d
     continues from its step; the input stream, augmentation and dropout are
     functions of (seed, step), so the continued run follows the same path.
     Metrics go to ``workdir/metrics.jsonl`` and TensorBoard (``workdir/tb``).
+    One run at a time: a second run on the same workdir is refused (``checkpoint.workdir_lock``).
     """
+    stored = ckpt_lib.check_workdir_config(workdir, config)
+    # Process 0 holds the workdir; the other processes of a multi-host run share it by design.
+    with ckpt_lib.workdir_lock(workdir) if jax.process_index() == 0 else contextlib.nullcontext():
+        return _train_and_evaluate(config, workdir, progress, stored)
+
+
+def _train_and_evaluate(config: Config, workdir: str, progress: bool, stored: Config | None) -> dict:
     from tqdm.auto import tqdm
 
-    stored = ckpt_lib.check_workdir_config(workdir, config)
     t = config.train
     mesh = sharding.data_mesh()
     rows = sharding.local_rows(t.batch_size, mesh)  # this process's rows of each global batch

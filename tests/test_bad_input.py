@@ -205,3 +205,13 @@ def test_build_300w_with_an_empty_manual_dir_says_what_it_expects(tmp_path, caps
     assert build_300w.main(["--manual_dir", str(tmp_path / "raw"), "--data_dir", str(tmp_path / "tfds")]) == 1
     assert "no 300-W subset folder under --manual_dir" in capsys.readouterr().err
     assert not (tmp_path / "tfds").exists()
+
+
+def test_a_second_run_on_a_workdir_in_use_is_refused_and_writes_nothing(tmp_path):
+    wd = str(tmp_path / "wd")
+    with checkpoint.workdir_lock(wd):  # another run holds it (flock: a second open file conflicts even in one process)
+        with pytest.raises(lgcn_jax.CheckpointError, match=r"wd is in use by another training run \(pid \d+ on .+\); wait"):
+            lgcn_jax.train_and_evaluate(tiny_config(), wd, progress=False)
+        assert os.listdir(wd) == [".lock"]
+    with checkpoint.workdir_lock(wd):  # released with the holder
+        pass
