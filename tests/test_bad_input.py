@@ -95,7 +95,7 @@ def test_model_paths_name_what_is_missing_and_create_nothing(tmp_path, monkeypat
     assert os.listdir(half) == ["config.json"]
 
 
-def test_apply_names_a_model_passed_for_its_params_and_an_empty_batch(tmp_path):
+def test_library_calls_with_a_wrong_argument_say_what_is_due(tmp_path):
     model = lgcn_jax.load_pretrained("synthetic_quick")
     with pytest.raises(lgcn_jax.ImageError, match="a list of 1 images where one image is due; detect_batch"):
         lgcn_jax.detect(["a.jpg"], model)
