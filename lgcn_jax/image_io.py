@@ -1,8 +1,10 @@
 """Reading images of any mode into the network's 8-bit grayscale, with clear errors.
 
 Modes: 1, L, P, RGB, RGBA, LA, CMYK, YCbCr, I;16*, I and F.  Alpha is composited
-over black; 16-bit and 32-bit integer images are scaled from their full range
-(65535), float images are taken as 0..1 if their maximum is at most 1, else 0..255.
+over black.  16-bit images (uint16 arrays, I;16 modes) are scaled from 0..65535; other
+integer images (int32 arrays, mode I, which PIL makes of them) from 0..255 if their maximum
+is at most 255, else from 0..65535.  Float images are taken as 0..1 (above 1 clipped: a
+resize overshoot) if their maximum is at most 2, else as 0..255.  Any byte order.
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ def to_gray(image) -> np.ndarray:
         raise ImageError(f"got a {type(image).__name__} of {len(image)} images where one image is due; "
                          "detect_batch (and track, for video frames) take several")
     a = np.asarray(image)
+    if not a.dtype.isnative:  # big-endian data (e.g. from FITS or some TIFF readers)
+        a = a.astype(a.dtype.newbyteorder("="))
     if a.ndim == 3 and a.shape[-1] == 1:
         a = a[..., 0]
     if a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[-1] not in (3, 4)):
@@ -50,9 +54,14 @@ def to_gray(image) -> np.ndarray:
     elif np.issubdtype(a.dtype, np.floating):
         if not np.all(np.isfinite(a)):
             raise ImageError("the image array holds NaN or infinite values")
-        f = a.astype(np.float32) * (255.0 if a.max() <= 1.0 else 1.0)
+        f = a.astype(np.float32) * (255.0 if a.max() <= 2.0 else 1.0)
     elif a.dtype == np.bool_:
         f = a.astype(np.float32) * 255.0
+    elif np.issubdtype(a.dtype, np.integer):
+        lo, hi = int(a.min()), int(a.max())
+        if lo < 0 or hi > 65535:
+            raise ImageError(f"an integer image must hold 0..255 or 0..65535, got values from {lo} to {hi}")
+        f = a.astype(np.float32) / (1.0 if hi <= 255 else 257.0)
     else:
         raise ImageError(f"unsupported image dtype {a.dtype}; use uint8, uint16 or float")
     if f.ndim == 3:
@@ -66,9 +75,11 @@ def _pil_to_gray(im: Image.Image) -> np.ndarray:
     mode = im.mode
     if mode == "L":
         return np.asarray(im, np.uint8).copy()
-    if mode.startswith("I;16") or mode == "I":
-        a = np.asarray(im.convert("I") if mode != "I" else im).astype(np.float64)
+    if mode.startswith("I;16"):
+        a = np.asarray(im.convert("I")).astype(np.float64)
         return np.clip(np.round(a / 257.0), 0, 255).astype(np.uint8)
+    if mode == "I":  # 32-bit integers: PIL's mode for int32 arrays, and for some 16-bit files
+        return to_gray(np.asarray(im, np.int64))
     if mode == "F":
         return to_gray(np.asarray(im, np.float32))
     if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in im.info):

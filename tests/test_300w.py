@@ -128,6 +128,14 @@ def test_image_modes(tmp_path):
     half = np.dstack([rgb, np.full((20, 30), 0, np.uint8)])  # fully transparent: black
     assert to_gray(half).max() == 0
     assert to_gray(gray.astype(np.float32) / 255.0).tolist() == gray.tolist()
+    # The same pixels in other integer types and byte orders, and a float resize overshoot above 1.
+    for same in (gray.astype(np.int32), Image.fromarray(gray.astype(np.int32)), (gray.astype(np.uint16) * 257).astype(">u2"),
+                 Image.fromarray(gray.astype(np.int32) * 257), gray.astype(">f4") / 255.0):
+        assert load_gray(same).tolist() == gray.tolist(), type(same)
+    over = gray.astype(np.float32) / 255.0 * 1.02
+    np.testing.assert_array_equal(load_gray(over), np.clip(np.round(over * 255), 0, 255).astype(np.uint8))
+    with pytest.raises(ImageError, match="an integer image must hold 0..255 or 0..65535, got values from -"):
+        to_gray(gray.astype(np.int32) - 256)
 
 
 def test_exif_orientation(tmp_path):

@@ -72,6 +72,18 @@ def test_tracking_follows_a_moving_rolling_face_and_drops_it_when_it_leaves(clip
     assert {f.track_id for t in tracked for f in t} == {0}
 
 
+def test_a_still_face_keeps_still_landmarks():
+    """Identical frames: the crop stays (Tracker._follow's deadband), so the landmarks stay those of the
+    first frame; re-cut on every frame, they moved by 1.5-5 px from frame to frame with these weights."""
+    photo = np.asarray(Image.open(PHOTO).convert("RGB"))
+    model = lgcn_jax.load_pretrained("300w_cpu")
+    tracked = list(lgcn_jax.track([photo] * 6, model))
+    assert all(len(t) == 1 for t in tracked)
+    (first,) = detect(photo, model)
+    for t in tracked:
+        np.testing.assert_allclose(t[0].landmarks, first.landmarks, atol=1e-3)
+
+
 def test_tracker_finds_a_face_that_appears_later(clip):
     frames, truths, _ = clip
     blank = np.full((H, W), 90, np.uint8)
