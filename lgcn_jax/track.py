@@ -90,8 +90,10 @@ class Tracker:
         dropped: list[Face] = []
         if self.faces:
             followed = self.faces
-            for _ in range(self.follow_passes):
+            for k in range(self.follow_passes):
                 maps = [self._follow(f) for f in followed]
+                if k and all(m is f.crop for m, f in zip(maps, followed)):
+                    break  # every crop kept: another pass would give the same landmarks
                 followed = [dataclasses.replace(n, track_id=o.track_id) for o, n in
                             zip(followed, landmarks(self.model, [gray], [0] * len(maps), maps, [f.score for f in followed], 0, self.batch_size))]
             for old, new in zip(self.faces, followed):
