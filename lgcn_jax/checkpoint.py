@@ -130,13 +130,17 @@ def _diff(a: Any, b: Any, prefix: str) -> list[str]:
 LOCK_FILE = ".lock"
 
 
+def _not_a_file(workdir: str) -> None:
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise CheckpointError(f"--workdir {workdir} is a file, not a folder; name a new folder")
+
+
 @contextlib.contextmanager
 def workdir_lock(workdir: str):
     """Hold ``workdir`` for one training run: a second run started on it (the same command twice, two jobs)
     would interleave checkpoints and logs, so it gets a CheckpointError naming the holder.  An advisory
     lock on ``WORKDIR/.lock``; the system releases it when the process ends, however it ends."""
-    if os.path.exists(workdir) and not os.path.isdir(workdir):
-        raise CheckpointError(f"--workdir {workdir} is a file, not a folder; name a new folder")
+    _not_a_file(workdir)
     os.makedirs(workdir, exist_ok=True)
     f = open(os.path.join(workdir, LOCK_FILE), "a+")
     try:
@@ -166,8 +170,7 @@ def check_workdir_config(workdir: str, config: Config) -> Config | None:
     settings may change between runs (e.g. more steps); the network and
     image size may not, since the checkpoint could not be restored into it.
     """
-    if os.path.exists(workdir) and not os.path.isdir(workdir):
-        raise CheckpointError(f"--workdir {workdir} is a file, not a folder; name a new folder")
+    _not_a_file(workdir)
     if os.path.exists(os.path.join(workdir, PARAMS_FILE)):
         raise CheckpointError(f"{workdir} holds {PARAMS_FILE}: it is an exported model folder, not a training workdir, and "
                               f"training there would not update it; train into a new --workdir")

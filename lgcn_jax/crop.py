@@ -16,7 +16,7 @@ from PIL import Image
 
 from lgcn_jax.landmarks68 import LEFT_EYE, RIGHT_EYE
 
-__all__ = ["CROP_MARGIN", "crop_ratio", "similarity", "apply_affine", "invert_affine", "warp", "landmark_box", "square_box", "crop", "to_crop", "to_original", "from_landmarks"]
+__all__ = ["CROP_MARGIN", "crop_ratio", "similarity", "similarity_params", "apply_affine", "invert_affine", "warp", "landmark_box", "square_box", "crop", "to_crop", "to_original", "from_landmarks"]
 
 CROP_MARGIN = 0.2
 
@@ -82,6 +82,12 @@ def similarity(center, side: float, angle: float, size: int) -> np.ndarray:
     half = (size - 1) / 2.0  # crop pixel centre of the square
     cx, cy = float(center[0]), float(center[1])
     return np.array([[c, -si, cx - c * half + si * half], [si, c, cy - si * half - c * half]])
+
+
+def similarity_params(matrix: np.ndarray, size: int) -> tuple[np.ndarray, float, float]:
+    """(center f[2], side, angle) of a ``similarity`` crop map f[2, 3]: its inverse."""
+    center = matrix[:, :2] @ np.full(2, (size - 1) / 2.0) + matrix[:, 2]
+    return center, float(np.sqrt(abs(np.linalg.det(matrix[:, :2])))) * size, float(np.arctan2(matrix[1, 0], matrix[0, 0]))
 
 
 def apply_affine(matrix: np.ndarray, points: np.ndarray) -> np.ndarray:

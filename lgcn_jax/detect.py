@@ -117,7 +117,7 @@ def landmarks(model, grays: Sequence[np.ndarray], owners: Sequence[int], maps: S
         if it < refine:
             maps = [crop_lib.from_landmarks(p, ratio, size) for p in points]
     return [Face(box=np.concatenate([p.min(0), p.max(0)]).astype(np.float32), landmarks=p, confidence=c.astype(np.float32),
-                 angle=float(np.arctan2(m[1, 0], m[0, 0])), score=float(s), crop=m) for m, p, c, s in zip(maps, points, conf, scores)]
+                 angle=crop_lib.similarity_params(m, size)[2], score=float(s), crop=m) for m, p, c, s in zip(maps, points, conf, scores)]
 
 
 def detect(image, params=None, *, detector: str | FaceDetector | None = None, refine: int = 1) -> list[Face]:

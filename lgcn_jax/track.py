@@ -144,7 +144,7 @@ class Tracker:
         return out
 
     def _anchor(self, face: Face) -> None:
-        side = float(np.sqrt(abs(np.linalg.det(face.crop[:, :2])))) * self.model.config.data.image_size
+        side = crop_lib.similarity_params(face.crop, self.model.config.data.image_size)[1]
         self._side_per_eyes[face.track_id] = side / max(_eye_distance(face.landmarks), 1e-6)
 
     def _follow(self, face: Face) -> np.ndarray:
@@ -157,17 +157,13 @@ class Tracker:
         """
         size = self.model.config.data.image_size
         framing = crop_lib.from_landmarks(face.landmarks, crop_lib.crop_ratio(self.model.config.data.dataset), size)
-        center = crop_lib.apply_affine(framing, np.array([(size - 1) / 2.0] * 2))
+        center, _, angle = crop_lib.similarity_params(framing, size)
         side = self._side_per_eyes[face.track_id] * _eye_distance(face.landmarks)
-        angle = float(np.arctan2(framing[1, 0], framing[0, 0]))
-        if face.crop is not None:
-            old_side = float(np.sqrt(abs(np.linalg.det(face.crop[:, :2])))) * size
-            old_center = crop_lib.apply_affine(face.crop, np.array([(size - 1) / 2.0] * 2))
-            old_angle = float(np.arctan2(face.crop[1, 0], face.crop[0, 0]))
-            shift, scale, turn = DEADBAND
-            if (np.linalg.norm(center - old_center) <= shift * old_side and abs(side / old_side - 1.0) <= scale
-                    and abs((angle - old_angle + np.pi) % (2 * np.pi) - np.pi) <= np.radians(turn)):
-                return face.crop
+        old_center, old_side, old_angle = crop_lib.similarity_params(face.crop, size)
+        shift, scale, turn = DEADBAND
+        if (np.linalg.norm(center - old_center) <= shift * old_side and abs(side / old_side - 1.0) <= scale
+                and abs((angle - old_angle + np.pi) % (2 * np.pi) - np.pi) <= np.radians(turn)):
+            return face.crop
         return crop_lib.similarity(center, side, angle, size)
 
 
