@@ -75,9 +75,8 @@ def _pil_to_gray(im: Image.Image) -> np.ndarray:
     mode = im.mode
     if mode == "L":
         return np.asarray(im, np.uint8).copy()
-    if mode.startswith("I;16"):
-        a = np.asarray(im.convert("I")).astype(np.float64)
-        return np.clip(np.round(a / 257.0), 0, 255).astype(np.uint8)
+    if mode.startswith("I;16"):  # declared 16-bit: to_gray's uint16 path, whatever its values
+        return to_gray(np.asarray(im.convert("I")).astype(np.uint16))
     if mode == "I":  # 32-bit integers: PIL's mode for int32 arrays, and for some 16-bit files
         return to_gray(np.asarray(im, np.int64))
     if mode == "F":
