@@ -113,7 +113,9 @@ def _checkpoints_dir() -> str:
     env = os.environ.get("LGCN_CHECKPOINTS")
     if env:
         return env
-    return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "checkpoints")
+    here = os.path.dirname(os.path.abspath(__file__))
+    installed = os.path.join(here, "checkpoints")  # a wheel install (pyproject.toml maps checkpoints/ there)
+    return installed if os.path.isdir(installed) else os.path.join(os.path.dirname(here), "checkpoints")  # a checkout
 
 
 def pretrained_path(name: str = PRETRAINED) -> str:
@@ -146,7 +148,8 @@ def checkpoint_path(checkpoint: str | None = None) -> str:
 
 @functools.lru_cache(maxsize=4)
 def load_pretrained(name: str = PRETRAINED) -> Model:
-    """The released weights under ``checkpoints/NAME`` (or ``$LGCN_CHECKPOINTS/NAME``).
+    """The released weights under ``checkpoints/NAME`` of the checkout, ``lgcn_jax/checkpoints/NAME`` in an
+    installed wheel, or ``$LGCN_CHECKPOINTS/NAME`` where that is set.
 
     The default, ``300w_paper``, is the paper's network (128 filters, 96x96 crops) trained on
     1813 real 300-W training faces on one GPU: 3.40% inter-ocular NME on the 300-W common subset

@@ -1,0 +1,82 @@
+"""A wheel of the project (what `pip install .` or `pip install git+...` installs) works outside the checkout.
+
+The editable install of the README finds everything in the checkout; a wheel holds only what pyproject.toml
+declares, so the released weights, the YuNet detector files and the modules behind lgcn-train / lgcn-eval
+must be declared there.  Built from a copy of the sources, without network (no build isolation).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SOURCES = ("pyproject.toml", "README.md", "run_train.py", "run_eval.py", "lgcn_jax", "data_prep", "checkpoints")
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory):
+    pytest.importorskip("setuptools", minversion="77")
+    tmp = tmp_path_factory.mktemp("wheel")
+    src = tmp / "src"
+    for name in SOURCES:
+        path = os.path.join(ROOT, name)
+        if os.path.isdir(path):
+            shutil.copytree(path, src / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        else:
+            os.makedirs(src, exist_ok=True)
+            shutil.copy(path, src / name)
+    out = tmp / "dist"
+    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
+                            "-w", str(out), str(src)], capture_output=True, text=True)
+    assert build.returncode == 0, build.stdout[-3000:] + build.stderr[-3000:]
+    (path,) = out.glob("lgcn_jax-*.whl")
+    return path
+
+
+def test_the_wheel_holds_the_weights_the_detector_and_the_command_modules(wheel):
+    with zipfile.ZipFile(wheel) as z:
+        names = set(z.namelist())
+        entry_points = next(z.read(n).decode() for n in names if n.endswith(".dist-info/entry_points.txt"))
+    released = [d for d in os.listdir(os.path.join(ROOT, "checkpoints")) if os.path.isdir(os.path.join(ROOT, "checkpoints", d))]
+    assert {"300w_paper", "300w_cpu", "synthetic_quick"} <= set(released)
+    for name in released:
+        for f in os.listdir(os.path.join(ROOT, "checkpoints", name)):
+            assert f"lgcn_jax/checkpoints/{name}/{f}" in names
+    for f in os.listdir(os.path.join(ROOT, "lgcn_jax", "weights")):
+        if f != "__pycache__":
+            assert f"lgcn_jax/weights/{f}" in names
+    assert {"run_train.py", "run_eval.py", "lgcn_jax/checkpoints/README.md", "data_prep/build_300w.py"} <= names
+    for command, target in (("lgcn-train", "run_train:main"), ("lgcn-eval", "run_eval:main"), ("lgcn-detect", "lgcn_jax.detect:main")):
+        assert f"{command} = {target}" in entry_points
+    assert not any(n.startswith(("tests/", "bench/", "docs/")) for n in names)
+
+
+def test_an_installed_wheel_loads_the_default_weights_from_inside_the_package(wheel, tmp_path):
+    target = tmp_path / "site"
+    install = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "--target", str(target), str(wheel)],
+                             capture_output=True, text=True)
+    assert install.returncode == 0, install.stderr[-3000:]
+    probe = (
+        "import json, lgcn_jax, run_train, run_eval\n"
+        "from lgcn_jax.predict import PRETRAINED, pretrained_path\n"
+        "m = lgcn_jax.load_pretrained()\n"
+        "print(json.dumps({'files': [lgcn_jax.__file__, run_train.__file__, run_eval.__file__],\n"
+        "                  'weights': pretrained_path(), 'name': PRETRAINED, 'filters': m.config.model.num_filters}))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "LGCN_CHECKPOINTS"}
+    env["PYTHONPATH"] = str(target)  # ahead of the editable install of the checkout
+    run = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    got = json.loads(run.stdout.strip().splitlines()[-1])
+    for f in got["files"]:
+        assert os.path.realpath(f).startswith(os.path.realpath(target)), f
+    assert os.path.realpath(got["weights"]) == os.path.realpath(target / "lgcn_jax" / "checkpoints" / got["name"])
+    with open(os.path.join(ROOT, "checkpoints", got["name"], "config.json")) as f:
+        assert got["filters"] == json.load(f)["model"]["num_filters"]
