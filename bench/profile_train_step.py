@@ -8,8 +8,8 @@ Times, after warm-up and as medians, on this machine's first device:
     ``train_step`` with the global subnet as dilated convolutions instead of on sub-grids;
   * every kind of layer of the network on its own, forward, input gradient (dx) and weight
     gradient (dw), times the number of such layers: the 5x5 and 3x3 local convolutions, the
-    dilated global ones (also as plain convolutions on sub-grids), the blur (``kernel_conv``),
-    BatchNorm + ReLU + dropout;
+    dilated global ones (also as plain convolutions on sub-grids), the blur (``kernel_conv``; also
+    at JAX's default matmul precision, TF32 on GPUs), BatchNorm + ReLU + dropout;
   * XLA's own FLOP and byte counts of the compiled forward and step.
 Needs no TensorFlow.  Writes bench/results_profile.json (with the device) and, with --trace,
 a jax.profiler trace for TensorBoard or Perfetto, summarised per kind of kernel and per layer on
@@ -79,6 +79,9 @@ def layer_breakdown(cfg, b: int) -> list[dict]:
                 lambda x, w: network.from_phases(_conv(1)(network.to_phases(x, d), w), d), (b, s, s, f), (3, 3, f, f))
     kernel = network.model_kernel(m)
     add("kernel_conv (blur) 2L", 1, lambda x, w: lgcn_jax.kernel_conv(x, kernel) * w, (b, s, s, 2 * n), ())
+    # What the blur would cost at the convolutions' precision (TF32 on a GPU; the same on a CPU).
+    add("kernel_conv 2L, DEFAULT prec", 1, lambda x, w: lgcn_jax.kernel_conv(x, kernel, precision=None) * w,
+        (b, s, s, 2 * n), ())
 
     def bn_relu_dropout(x, scale):
         mean, var = x.mean((0, 1, 2)), x.var((0, 1, 2))

@@ -108,25 +108,28 @@ def _as_kernel(kernel) -> Kernel:
     return kernel if isinstance(kernel, Kernel) else Kernel(np.asarray(kernel))
 
 
-@functools.partial(jax.jit, static_argnames="kernel")
-def _kernel_conv(x: jax.Array, kernel: Kernel) -> jax.Array:
+@functools.partial(jax.jit, static_argnames=("kernel", "precision"))
+def _kernel_conv(x: jax.Array, kernel: Kernel, precision) -> jax.Array:
     _, h, w, _ = x.shape
     th = jnp.asarray(kernel.toeplitz(0, h))  # [R, H, H]
     tw = jnp.asarray(kernel.toeplitz(1, w))  # [R, W, W]
     # Pass 1 along W for all R terms in one matmul; pass 2 along H contracts
     # (r, p) together, so the sum over rank terms is part of that matmul.
     # (This order measured ~20% faster than H-first on CPU; see bench/.)
-    y = jnp.einsum("rwq,bhqc->bhrwc", tw, x, precision=jax.lax.Precision.HIGHEST)
-    return jnp.einsum("rhp,bprwc->bhwc", th, y, precision=jax.lax.Precision.HIGHEST)
+    y = jnp.einsum("rwq,bhqc->bhrwc", tw, x, precision=precision)
+    return jnp.einsum("rhp,bprwc->bhwc", th, y, precision=precision)
 
 
-def kernel_conv(x: jax.Array, kernel) -> jax.Array:
+def kernel_conv(x: jax.Array, kernel, precision=jax.lax.Precision.HIGHEST) -> jax.Array:
     """Blur every channel of ``x`` with one fixed kernel (zero padding, SAME size).
 
     Args:
       x: f32[B, H, W, C] maps (any H, W, C).
       kernel: a :class:`Kernel` or a 2D array with odd sides (converted once;
         pass a ``Kernel`` to avoid re-factorising on every call).
+      precision: of the two matmuls, as for ``jnp.einsum``.  Full f32 by default; ``None`` follows
+        JAX's default matmul precision (TF32 on recent NVIDIA GPUs, as the network's convolutions
+        use; the same as full f32 on CPUs).
 
     Returns:
       f32[B, H, W, C], equal to :func:`kernel_conv_direct` up to float rounding.
@@ -134,7 +137,7 @@ def kernel_conv(x: jax.Array, kernel) -> jax.Array:
     x = jnp.asarray(x)
     if x.ndim != 4:
         raise ValueError(f"kernel_conv expects x of shape [B, H, W, C], got {x.shape}")
-    return _kernel_conv(x, _as_kernel(kernel))
+    return _kernel_conv(x, _as_kernel(kernel), precision)
 
 
 @functools.partial(jax.jit, static_argnames="kernel")

@@ -32,6 +32,17 @@ def test_lgcn_kernel_is_rank_three_and_full_size():
     assert rel(kernel_conv(x, k), kernel_conv_direct(x, k)) < 1e-5
 
 
+@pytest.mark.parametrize("precision, expect", [(jax.lax.Precision.HIGHEST, "HIGHEST"), (None, "DEFAULT"), ("default", "DEFAULT")])
+def test_precision_reaches_both_matmuls(precision, expect):
+    # Full f32 unless asked otherwise: on a GPU, DEFAULT lets XLA use TF32 for the blur.
+    x = jnp.ones((1, 12, 12, 2))
+    args = () if precision is jax.lax.Precision.HIGHEST else (precision,)  # HIGHEST is also the default
+    text = jax.jit(lambda x: kernel_conv(x, KERNELS["lgcn45"], *args)).lower(x).as_text()
+    found = [line for line in text.splitlines() if "dot_general" in line]
+    assert len(found) == 2 and all(f"precision = [{expect}, {expect}]" in line for line in found), found
+    assert rel(kernel_conv(x, KERNELS["lgcn45"], precision), kernel_conv_direct(x, KERNELS["lgcn45"])) < 1e-5
+
+
 @pytest.mark.parametrize("name", ["lgcn45", "asymmetric_rect"])
 def test_gradient_matches_direct(name):
     k = KERNELS[name]
