@@ -70,6 +70,11 @@ def test_an_installed_wheel_loads_the_default_weights_from_inside_the_package(wh
         "print(json.dumps({'files': [lgcn_jax.__file__, run_train.__file__, run_eval.__file__],\n"
         "                  'weights': pretrained_path(), 'name': PRETRAINED, 'filters': m.config.model.num_filters}))\n"
     )
+    def tree():
+        return sorted((os.path.relpath(os.path.join(d, f), target), os.path.getmtime(os.path.join(d, f)))
+                      for d, _, fs in os.walk(target) if "__pycache__" not in d for f in fs)
+
+    before = tree()
     env = {k: v for k, v in os.environ.items() if k != "LGCN_CHECKPOINTS"}
     env["PYTHONPATH"] = str(target)  # ahead of the editable install of the checkout
     run = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
@@ -80,3 +85,4 @@ def test_an_installed_wheel_loads_the_default_weights_from_inside_the_package(wh
     assert os.path.realpath(got["weights"]) == os.path.realpath(target / "lgcn_jax" / "checkpoints" / got["name"])
     with open(os.path.join(ROOT, "checkpoints", got["name"], "config.json")) as f:
         assert got["filters"] == json.load(f)["model"]["num_filters"]
+    assert tree() == before  # site-packages may be read-only: loading writes nothing there
