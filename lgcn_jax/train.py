@@ -54,7 +54,7 @@ def _train_step(state: TrainState, batch: dict, loss_scale: float, augment: Data
     updates, opt_state = state.tx.update(grads, state.opt_state, state.net.params)
     params = optax.apply_updates(state.net.params, updates)
     new_state = state.replace(step=state.step + 1, net=state.net.replace(params=params, batch_stats=batch_stats), opt_state=opt_state)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     if not skip_nonfinite:
         return new_state, {"loss": value, "grad_norm": grad_norm}
     ok = jnp.isfinite(value) & jnp.isfinite(grad_norm)
