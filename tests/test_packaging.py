@@ -16,6 +16,8 @@ import zipfile
 
 import pytest
 
+import lgcn_jax
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SOURCES = ("pyproject.toml", "README.md", "run_train.py", "run_eval.py", "lgcn_jax", "data_prep", "checkpoints")
 
@@ -44,6 +46,8 @@ def test_the_wheel_holds_the_weights_the_detector_and_the_command_modules(wheel)
     with zipfile.ZipFile(wheel) as z:
         names = set(z.namelist())
         entry_points = next(z.read(n).decode() for n in names if n.endswith(".dist-info/entry_points.txt"))
+        metadata = next(z.read(n).decode() for n in names if n.endswith(".dist-info/METADATA"))
+    assert f"\nVersion: {lgcn_jax.__version__}\n" in metadata  # one version, in lgcn_jax/__init__.py
     released = [d for d in os.listdir(os.path.join(ROOT, "checkpoints")) if os.path.isdir(os.path.join(ROOT, "checkpoints", d))]
     assert {"300w_paper", "300w_cpu", "synthetic_quick"} <= set(released)
     for name in released:
