@@ -270,7 +270,9 @@ def test_landmarks_equal_those_before_the_speed_up():
         one, _ = lgcn_jax.predict_with_confidence(model, images[i:i + 1])
         assert np.abs(np.asarray(one)[0] - before["landmarks"][i]).max() <= 0.05
     am = lgcn_jax.predict(model, images, config=PostprocessConfig(use_shape_model=False))
-    np.testing.assert_array_equal(np.asarray(am), before["argmax"])
+    # Equal up to float rounding: jax 0.12 (Python >= 3.12) moves half of them by up to 8e-5 px against
+    # the file written with jax 0.10 (other XLA, other summation order in the network).
+    np.testing.assert_allclose(np.asarray(am), before["argmax"], rtol=0, atol=1e-3)
 
 
 def _bumpy_maps(seed, size=48, maps=68):
