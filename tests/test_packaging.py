@@ -27,12 +27,12 @@ def wheel(tmp_path_factory):
     pytest.importorskip("setuptools", minversion="77")
     tmp = tmp_path_factory.mktemp("wheel")
     src = tmp / "src"
+    src.mkdir()
     for name in SOURCES:
         path = os.path.join(ROOT, name)
         if os.path.isdir(path):
             shutil.copytree(path, src / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
         else:
-            os.makedirs(src, exist_ok=True)
             shutil.copy(path, src / name)
     out = tmp / "dist"
     build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
