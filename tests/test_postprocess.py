@@ -270,8 +270,8 @@ def test_landmarks_equal_those_before_the_speed_up():
         one, _ = lgcn_jax.predict_with_confidence(model, images[i:i + 1])
         assert np.abs(np.asarray(one)[0] - before["landmarks"][i]).max() <= 0.05
     am = lgcn_jax.predict(model, images, config=PostprocessConfig(use_shape_model=False))
-    # Equal up to float rounding: jax 0.12 (Python >= 3.12) moves half of them by up to 8e-5 px against
-    # the file written with jax 0.10 (other XLA, other summation order in the network).
+    # Equal up to float rounding: with jax 0.12 (Python >= 3.12) half of them differ by up to 8e-5 px from
+    # the file written with jax 0.10 (another XLA version).
     np.testing.assert_allclose(np.asarray(am), before["argmax"], rtol=0, atol=1e-3)
 
 
