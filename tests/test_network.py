@@ -144,3 +144,11 @@ def test_phases_round_trip():
     assert p.shape == (32, 3, 2, 3)
     np.testing.assert_array_equal(p[1 * 4 + 2], x[0, 1::4, 2::4])  # image 0, sub-grid (row 1, column 2)
     np.testing.assert_array_equal(network.from_phases(p, 4), x)
+
+
+def test_network_blur_runs_at_default_matmul_precision(params):
+    """The blur follows JAX's default precision like the convolutions (TF32 on GPUs); a full-f32 blur
+    ran as slow SIMT GEMMs there (docs/architecture.md)."""
+    text = jax.jit(lgcn_jax.apply).lower(params, jnp.zeros((1, 32, 32, 1))).as_text()
+    dots = [line for line in text.splitlines() if "dot_general" in line]
+    assert len(dots) == 2 and not any("HIGHEST" in line for line in dots), dots
