@@ -78,3 +78,34 @@ def test_trace_summary_sums_device_kernels_by_kind_and_layer(tmp_path):
         trace_summary.summarize(str(tmp_path / "cpu"))
     with pytest.raises(trace_summary.TraceError, match="no \\*.trace.json.gz below it"):
         trace_summary.summarize(str(tmp_path / "none"))
+
+
+def test_profile_train_step_tiny(tmp_path):
+    """The profiler runs end to end on a tiny network, and its candidate blur computes the library's blur."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    import profile_train_step
+    from lgcn_jax import kernel_conv
+    from lgcn_jax.kernel_conv import Kernel, gaussian_mixture_kernel
+
+    kernel = Kernel(gaussian_mixture_kernel(9, (0.3, 0.7), (1.0, 2.5)))
+    x = jax.random.normal(jax.random.key(0), (2, 12, 10, 3))
+    want = kernel_conv(x, kernel)
+    got = profile_train_step.blur_batched_nhwc(x, kernel, jax.lax.Precision.HIGHEST)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(jnp.abs(want).max()))
+    ct = jax.random.normal(jax.random.key(1), x.shape)
+    g_want = jax.grad(lambda x: jnp.vdot(kernel_conv(x, kernel), ct))(x)
+    g_got = jax.grad(lambda x: jnp.vdot(profile_train_step.blur_batched_nhwc(x, kernel, jax.lax.Precision.HIGHEST), ct))(x)
+    np.testing.assert_allclose(g_got, g_want, rtol=1e-5, atol=1e-5 * float(jnp.abs(g_want).max()))
+
+    out = tmp_path / "profile.json"
+    r = profile_train_step.main(["--preset", "quick", "--batch", "2", "--repeats", "1", "--parts", "apply,train_step",
+                                 "--no_cost", "--config", "model.num_filters=4", "model.local_3x3_layers=1",
+                                 "model.global_layers=2", "model.kernel_size=9", "data.image_size=16", "--out", str(out)])
+    saved = json.loads(out.read_text())
+    layers = [row["layer"] for row in saved["layers"]]
+    assert "kernel_conv 2L, batched NHWC, DEFAULT prec" in layers and "kernel_conv (blur) 2L" in layers
+    assert all(row["fwd_ms"] > 0 for row in saved["layers"])
+    assert r is not None and saved["machine"]["device"]
