@@ -15,6 +15,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--config", nargs="*", default=[], metavar="KEY=VALUE", help="overrides, e.g. model.num_filters=64 train.batch_size=8")
     p.add_argument("--dataset", choices=["synthetic", "300w"], help="shortcut for data.dataset")
     p.add_argument("--data_dir", help="shortcut for data.data_dir: a TFDS data directory, or an array export (data_prep.export_arrays)")
+    p.add_argument("--init_from", metavar="CHECKPOINT",
+                   help="fine-tune: start a fresh run from these weights (a checkpoint folder, or released weights by name, "
+                        "e.g. 300w_paper) instead of random ones; shortcut for train.init_from")
     p.add_argument("--no_progress", action="store_true", help="no progress bar (for logs)")
     p.add_argument("--distributed", action="store_true",
                    help="one of several processes (hosts): call jax.distributed.initialize() first (see README: several hosts)")
@@ -30,6 +33,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.data_dir:
         # Stored in WORKDIR/config.json: absolute, so that later commands from another folder find it.
         args.data_dir = os.path.abspath(os.path.expanduser(args.data_dir))
+    if args.init_from and (os.path.isdir(os.path.expanduser(args.init_from)) or os.sep in args.init_from):
+        args.init_from = os.path.abspath(os.path.expanduser(args.init_from))  # a folder, stored absolute; a name stays a name
     return args
 
 
@@ -55,6 +60,8 @@ def main(argv=None) -> int:
         overrides.append(f"data.dataset={args.dataset}")
     if args.data_dir:
         overrides.append(f"data.data_dir={args.data_dir}")
+    if args.init_from:
+        overrides.append(f"train.init_from={args.init_from}")
     try:
         config = lgcn_jax.apply_overrides(lgcn_jax.get_config(args.preset), overrides)
     except ValueError as e:

@@ -127,6 +127,14 @@ def _diff(a: Any, b: Any, prefix: str) -> list[str]:
     return [f"{prefix}{k}: stored {da[k]!r}, requested {db[k]!r}" for k in da if da[k] != db.get(k)]
 
 
+def network_differences(stored: Config, requested: Config, also_free: frozenset = frozenset()) -> list[str]:
+    """The network fields in which ``requested`` differs from ``stored``, one line each (the fields of
+    how it runs, ``EXECUTION_FIELDS``, and ``also_free`` may differ)."""
+    free = EXECUTION_FIELDS | also_free
+    model = {k: v for k, v in config_to_dict(stored)["model"].items() if k not in free}
+    return _diff(model, config_to_dict(requested)["model"], "model.")
+
+
 LOCK_FILE = ".lock"
 
 
@@ -180,8 +188,7 @@ def check_workdir_config(workdir: str, config: Config) -> Config | None:
             raise CheckpointError(f"{workdir}/last holds checkpoints but {path} is missing; restore config.json or use a fresh --workdir")
         return None
     stored = read_config(workdir)
-    d_stored, d_new = config_to_dict(stored), config_to_dict(config)
-    problems = _diff({k: v for k, v in d_stored["model"].items() if k not in EXECUTION_FIELDS}, d_new["model"], "model.")
+    problems = network_differences(stored, config)
     for field in ("image_size", "dataset"):
         if getattr(stored.data, field) != getattr(config.data, field):
             problems.append(f"data.{field}: stored {getattr(stored.data, field)!r}, requested {getattr(config.data, field)!r}")

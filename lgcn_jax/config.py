@@ -89,6 +89,11 @@ class TrainConfig:
     # A batch whose loss or gradient is not finite: stop the run (False; the last good checkpoint is
     # kept) or leave the parameters unchanged for that batch and go on, counting such batches (True).
     skip_nonfinite: bool = False
+    # Fine-tuning: a fresh run starts from these weights instead of random ones. A checkpoint folder
+    # (a workdir's best checkpoint, or an exported folder) or the name of released weights
+    # ("300w_paper"). The network must be the same; its parameters and BatchNorm statistics are
+    # taken, the optimiser starts afresh at step 0. A run that resumes restores its own checkpoint.
+    init_from: str = ""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -28,7 +28,7 @@ from lgcn_jax.heatmaps import argmax_subpixel
 from lgcn_jax.loss import heatmap_loss
 from lgcn_jax.train_state import TrainState, create_train_state, learning_rate_schedule, make_optimizer
 
-__all__ = ["TrainState", "make_optimizer", "create_train_state", "loss", "train_step", "eval_step", "predict_split", "evaluate", "write_shape_model", "training_splits", "recalibrated", "train_and_evaluate", "export_workdir", "TrainingInterrupted"]
+__all__ = ["TrainState", "make_optimizer", "create_train_state", "loss", "train_step", "eval_step", "predict_split", "evaluate", "write_shape_model", "training_splits", "recalibrated", "train_and_evaluate", "load_initial_weights", "export_workdir", "TrainingInterrupted"]
 
 log = logging.getLogger("lgcn_jax")
 
@@ -189,6 +189,29 @@ def recalibrated(net: network.LGCNParams, train_data: dict, config: Config) -> n
     return network.recalibrate_batch_stats(net, (train_data["image"][i] for i in idx))
 
 
+def load_initial_weights(config: Config) -> network.LGCNParams:
+    """The weights ``config.train.init_from`` names (a checkpoint folder or released weights), checked to
+    be of ``config``'s network; raises ``CheckpointError`` naming the folder and the differing fields."""
+    from lgcn_jax.predict import checkpoint_path
+
+    source = config.train.init_from
+    path = checkpoint_path(source)
+    net, stored = ckpt_lib.load_params(path)
+    # Dropout and the BatchNorm momentum act in training only: a fine-tuning run may set its own.
+    problems = ckpt_lib.network_differences(stored, config, also_free=frozenset({"dropout_rate", "bn_momentum"}))
+    if problems:
+        raise ckpt_lib.CheckpointError(
+            f"train.init_from={source!r}: {path} holds a different network ({os.path.join(path, 'config.json')}):\n  "
+            + "\n  ".join(problems)
+            + "\nStart from a checkpoint of this network, or train that network (the settings of its config.json).")
+    return net
+
+
+def _has_checkpoints(workdir: str) -> bool:
+    last = os.path.join(workdir, "last")
+    return os.path.isdir(last) and any(d.isdigit() for d in os.listdir(last))
+
+
 def train_and_evaluate(config: Config, workdir: str, progress: bool = True) -> dict:
     """Train (or resume) in ``workdir``; returns the final validation metrics.
 
@@ -197,14 +220,18 @@ def train_and_evaluate(config: Config, workdir: str, progress: bool = True) -> d
     functions of (seed, step), so the continued run follows the same path.
     Metrics go to ``workdir/metrics.jsonl`` and TensorBoard (``workdir/tb``).
     One run at a time: a second run on the same workdir is refused (``checkpoint.workdir_lock``).
+    Fine-tuning: a run without a checkpoint yet starts from the weights of ``config.train.init_from``.
     """
     stored = ckpt_lib.check_workdir_config(workdir, config)
+    # Loaded and checked before anything is written into the workdir.
+    init = load_initial_weights(config) if config.train.init_from and not _has_checkpoints(workdir) else None
     # Process 0 holds the workdir; the other processes of a multi-host run share it by design.
     with ckpt_lib.workdir_lock(workdir) if jax.process_index() == 0 else contextlib.nullcontext():
-        return _train_and_evaluate(config, workdir, progress, stored)
+        return _train_and_evaluate(config, workdir, progress, stored, init)
 
 
-def _train_and_evaluate(config: Config, workdir: str, progress: bool, stored: Config | None) -> dict:
+def _train_and_evaluate(config: Config, workdir: str, progress: bool, stored: Config | None,
+                        init: network.LGCNParams | None = None) -> dict:
     from tqdm.auto import tqdm
 
     t = config.train
@@ -220,8 +247,12 @@ def _train_and_evaluate(config: Config, workdir: str, progress: bool, stored: Co
     if restored is not None:
         state = restored
         log.info("resumed from %s/last/%d", workdir, start)
-    elif stored is None:
-        log.info("fresh run in %s (%s input pipeline, %d device(s))", workdir, pipeline, mesh.devices.size)
+    else:
+        if init is not None:  # fine-tuning: the weights of init_from, a fresh optimiser at step 0
+            state = state.replace(net=state.net.replace(params=init.params, batch_stats=init.batch_stats),
+                                  opt_state=state.tx.init(init.params))
+        log.info("fresh run in %s (%s input pipeline, %d device(s))%s", workdir, pipeline, mesh.devices.size,
+                 f", starting from the weights of {t.init_from}" if init is not None else "")
     state = sharding.replicate(state, mesh)
     writer = MetricWriter(workdir, start) if primary else MetricWriter.disabled()
     if primary:
@@ -238,7 +269,7 @@ def _train_and_evaluate(config: Config, workdir: str, progress: bool, stored: Co
 
     if start == 0:
         result, _ = validate(0)
-        log.info("step 0 (untrained) validation NME %.4f", result["nme"])
+        log.info("step 0 (%s) validation NME %.4f", f"the weights of {t.init_from}" if init is not None else "untrained", result["nme"])
     if pipeline == "tf":
         stream = input_pipeline.train_dataset(train_data, config.data, t.batch_size, t.seed, start_step=start).as_numpy_iterator()
         augment = None

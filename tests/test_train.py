@@ -183,3 +183,53 @@ def test_workdir_resumes_with_either_dilation_layout(trained_workdir):
     stored = checkpoint.read_config(trained_workdir)
     other = dataclasses.replace(stored, model=dataclasses.replace(stored.model, dilation_as_phases=not stored.model.dilation_as_phases))
     assert checkpoint.check_workdir_config(trained_workdir, other) == stored
+
+
+def test_fine_tuning_starts_from_the_weights_of_init_from(trained_workdir, tmp_path):
+    """train.init_from: a fresh run starts from another run's best weights, not random ones; resuming ignores it."""
+    from lgcn_jax.metric_writer import read_metrics
+
+    src, src_cfg = lgcn_jax.load_params(trained_workdir)
+    wd = str(tmp_path / "ft")
+    # Dropout is the fine-tuning run's own choice (it acts in training only; the source trained without).
+    cfg = lgcn_jax.apply_overrides(src_cfg, [f"train.init_from={trained_workdir}", "train.learning_rate=1e-12", "model.dropout_rate=0.2",
+                                             "train.num_steps=2", "train.checkpoint_every=2", "train.eval_every=2"])
+    lgcn_jax.train_and_evaluate(cfg, wd, progress=False)
+    tuned, stored = lgcn_jax.load_params(wd, which="last")
+    assert stored.train.init_from == trained_workdir
+    close = jax.tree_util.tree_map(lambda a, b: bool(np.allclose(a, b, rtol=0, atol=1e-8)), tuned.params, src.params)
+    assert all(jax.tree_util.tree_leaves(close))  # two steps at a learning rate of 1e-12
+    # What the run would have started from without init_from (the same seed; the source moved 4 Adam steps from it).
+    fresh = train.create_train_state(cfg).net.params
+    assert max(float(np.abs(a - b).max()) for a, b in zip(jax.tree_util.tree_leaves(fresh), jax.tree_util.tree_leaves(src.params))) > 1e-3
+    # Step 0 validates the source's weights: the same faces and BatchNorm recalibration give its last NME.
+    val = lambda wd: [r for r in read_metrics(wd) if "val/nme" in r]
+    assert val(wd)[0]["step"] == 0
+    assert val(wd)[0]["val/nme"] == pytest.approx(val(trained_workdir)[-1]["val/nme"], rel=1e-5)
+    assert val(wd)[0]["val/nme"] < 0.9 * val(trained_workdir)[0]["val/nme"]  # far from the untrained network's
+    # A run that resumes restores its own checkpoint: init_from is not read again.
+    gone = lgcn_jax.apply_overrides(cfg, [f"train.init_from={tmp_path / 'moved_away'}", "train.num_steps=4"])
+    lgcn_jax.train_and_evaluate(gone, wd, progress=False)
+    assert sorted(int(s) for s in os.listdir(os.path.join(wd, "last")) if s.isdigit()) == [2, 4]
+
+
+def test_init_from_of_another_network_or_unknown_name_is_refused(trained_workdir, tmp_path):
+    _, src_cfg = lgcn_jax.load_params(trained_workdir)
+    wd = tmp_path / "ft"
+    other = lgcn_jax.apply_overrides(src_cfg, [f"train.init_from={trained_workdir}", "model.num_filters=4"])
+    with pytest.raises(checkpoint.CheckpointError) as e:
+        lgcn_jax.train_and_evaluate(other, str(wd), progress=False)
+    assert f"train.init_from={trained_workdir!r}" in str(e.value) and "model.num_filters: stored 8, requested 4" in str(e.value)
+    unknown = lgcn_jax.apply_overrides(src_cfg, ["train.init_from=no_such_weights"])
+    with pytest.raises(checkpoint.CheckpointError, match="no released checkpoint of that name.*available: .*300w_paper"):
+        lgcn_jax.train_and_evaluate(unknown, str(wd), progress=False)
+    assert not wd.exists()  # refused before anything was written
+
+
+def test_cli_init_from_folder_is_stored_absolute_and_a_name_as_given(tmp_path, monkeypatch):
+    import run_train
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "a").mkdir(parents=True)
+    assert run_train.parse_args(["--workdir", "w", "--init_from", "runs/a"]).init_from == str(tmp_path / "runs" / "a")
+    assert run_train.parse_args(["--workdir", "w", "--init_from", "300w_paper"]).init_from == "300w_paper"
