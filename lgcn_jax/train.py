@@ -22,7 +22,7 @@ from lgcn_jax import augment as augment_lib
 from lgcn_jax import checkpoint as ckpt_lib
 from lgcn_jax import input_pipeline, metrics, network, sharding
 from lgcn_jax import shape_model as shape_model_lib
-from lgcn_jax.config import Config, DataConfig
+from lgcn_jax.config import PRESETS, Config, DataConfig
 from lgcn_jax.metric_writer import MetricWriter
 from lgcn_jax.heatmaps import argmax_subpixel
 from lgcn_jax.loss import heatmap_loss
@@ -189,6 +189,10 @@ def recalibrated(net: network.LGCNParams, train_data: dict, config: Config) -> n
     return network.recalibrate_batch_stats(net, (train_data["image"][i] for i in idx))
 
 
+# Dropout and the BatchNorm momentum act in training only: a fine-tuning run may set its own.
+FINE_TUNE_FREE = frozenset({"dropout_rate", "bn_momentum"})
+
+
 def load_initial_weights(config: Config) -> network.LGCNParams:
     """The weights ``config.train.init_from`` names (a checkpoint folder or released weights), checked to
     be of ``config``'s network; raises ``CheckpointError`` naming the folder and the differing fields."""
@@ -197,13 +201,15 @@ def load_initial_weights(config: Config) -> network.LGCNParams:
     source = config.train.init_from
     path = checkpoint_path(source)
     net, stored = ckpt_lib.load_params(path)
-    # Dropout and the BatchNorm momentum act in training only: a fine-tuning run may set its own.
-    problems = ckpt_lib.network_differences(stored, config, also_free=frozenset({"dropout_rate", "bn_momentum"}))
+    problems = ckpt_lib.network_differences(stored, config, also_free=FINE_TUNE_FREE)
     if problems:
+        presets = [name for name, make in sorted(PRESETS.items())
+                   if not ckpt_lib.network_differences(stored, make(), also_free=FINE_TUNE_FREE)]
+        fix = f"run_train.py --preset {presets[0]}" if presets else "the network settings of its config.json"
         raise ckpt_lib.CheckpointError(
             f"train.init_from={source!r}: {path} holds a different network ({os.path.join(path, 'config.json')}):\n  "
             + "\n  ".join(problems)
-            + "\nStart from a checkpoint of this network, or train that network (the settings of its config.json).")
+            + f"\nFine-tune it with its own network ({fix}), or start from a checkpoint of this one.")
     return net
 
 

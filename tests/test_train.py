@@ -220,6 +220,9 @@ def test_init_from_of_another_network_or_unknown_name_is_refused(trained_workdir
     with pytest.raises(checkpoint.CheckpointError) as e:
         lgcn_jax.train_and_evaluate(other, str(wd), progress=False)
     assert f"train.init_from={trained_workdir!r}" in str(e.value) and "model.num_filters: stored 8, requested 4" in str(e.value)
+    assert "with its own network (the network settings of its config.json)" in str(e.value)  # the tiny network is no preset
+    with pytest.raises(checkpoint.CheckpointError, match=r"(?s)model.num_filters: stored 128, requested 8.*\(run_train.py --preset paper\)"):
+        lgcn_jax.train_and_evaluate(lgcn_jax.apply_overrides(src_cfg, ["train.init_from=300w_paper"]), str(wd), progress=False)
     unknown = lgcn_jax.apply_overrides(src_cfg, ["train.init_from=no_such_weights"])
     with pytest.raises(checkpoint.CheckpointError, match="no released checkpoint of that name.*available: .*300w_paper"):
         lgcn_jax.train_and_evaluate(unknown, str(wd), progress=False)
