@@ -33,8 +33,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.data_dir:
         # Stored in WORKDIR/config.json: absolute, so that later commands from another folder find it.
         args.data_dir = os.path.abspath(os.path.expanduser(args.data_dir))
-    if args.init_from and (os.path.isdir(os.path.expanduser(args.init_from)) or os.sep in args.init_from):
-        args.init_from = os.path.abspath(os.path.expanduser(args.init_from))  # a folder, stored absolute; a name stays a name
+    if args.init_from and (os.path.isdir(os.path.expanduser(args.init_from)) or os.sep in args.init_from
+                           or (os.altsep and os.altsep in args.init_from)):
+        # A folder (told apart from a released name as lgcn_jax.predict.checkpoint_path does) is stored absolute.
+        args.init_from = os.path.abspath(os.path.expanduser(args.init_from))
     return args
 
 
