@@ -8,6 +8,8 @@ with context twice its size): for each face,
     crop: the landmarks' box, side 1.4x), no detector;
   * detect(): the default detector on the whole image, then detect()'s two passes; the annotated
     face is the found face whose landmark-box centre is nearest (within 0.3 face sizes);
+  * detect(first_pass=...): the same with the first pass, which only frames the second one's crop,
+    by other weights (--first_pass, default 300w_cpu; '' skips it), matched the same way;
   * --peers: dlib's HOG detector (upsample 1) and its 68-point predictor (``pip install
     'lgcn_jax[peers]'``: dlib-bin, face-recognition-models), matched the same way.
 Inter-ocular NME (outer eye corners) over found faces; recall = found / annotated.  Also ms per
@@ -100,18 +102,18 @@ def summarise(rows: list[dict], key: str, n: int) -> dict:
             "ms_per_image": float(np.median(ms)) if ms else None}
 
 
-def one_face_640x480_ms(model, repeats: int = 10) -> float:
+def one_face_640x480_ms(model, repeats: int = 10, first_pass=None) -> float:
     """Median ms of detect() on a 640x480 photo with one face (after a warm-up call)."""
     photo = Image.open(PHOTO).convert("L")
     canvas = Image.new("L", (640, 480), 110)
     small = photo.resize((int(photo.width * 0.75), int(photo.height * 0.75)), Image.BILINEAR)
     canvas.paste(small, (160, 20))
     img = np.asarray(canvas)
-    lgcn_jax.detect(img, model)
+    lgcn_jax.detect(img, model, first_pass=first_pass)
     times = []
     for _ in range(repeats):
         t = time.perf_counter()
-        faces = lgcn_jax.detect(img, model)
+        faces = lgcn_jax.detect(img, model, first_pass=first_pass)
         times.append(1e3 * (time.perf_counter() - t))
     assert len(faces) == 1
     return float(np.median(times))
@@ -122,10 +124,12 @@ def main(argv=None) -> dict:
     p.add_argument("--data", default=os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data", "300w_partial"))
     p.add_argument("--peers", action="store_true", help="also dlib end to end (pip install 'lgcn_jax[peers]')")
     p.add_argument("--detector", default="yunet")
+    p.add_argument("--first_pass", default="300w_cpu", help="weights of detect()'s first pass for the extra row ('' skips the row)")
     p.add_argument("--limit", type=int, default=0, help="first N faces of each subset (0: all)")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results_end_to_end.json"))
     args = p.parse_args(argv)
     model = lgcn_jax.load_pretrained()
+    first_pass = lgcn_jax.load_pretrained(args.first_pass) if args.first_pass else None
     peer = Dlib() if args.peers else None
     rows = []
     for sub in SUBSETS:
@@ -141,6 +145,12 @@ def main(argv=None) -> dict:
             row["detect_ms"] = 1e3 * (time.perf_counter() - t)
             match = nearest([f.landmarks for f in found], truth)
             row["detect"] = None if match is None else nme(match, truth)
+            if first_pass is not None:
+                t = time.perf_counter()
+                found = lgcn_jax.detect(gray, model, detector=args.detector, first_pass=first_pass)
+                row["first_pass_ms"] = 1e3 * (time.perf_counter() - t)
+                match = nearest([f.landmarks for f in found], truth)
+                row["first_pass"] = None if match is None else nme(match, truth)
             if peer is not None:
                 t = time.perf_counter()
                 found = peer(gray)
@@ -155,9 +165,17 @@ def main(argv=None) -> dict:
     both = [r for r in rows if r["detect"] is not None]
     result["detect_over_gt_box_same_faces"] = float(np.mean([r["detect"] for r in both]) / np.mean([r["gt_box"] for r in both]))
     result["one_face_640x480_ms"] = one_face_640x480_ms(model)
+    if first_pass is not None:
+        # Paired over the faces both found: the cost of framing the second pass with the other weights.
+        both = [r for r in rows if r["detect"] is not None and r["first_pass"] is not None]
+        diff = np.array([r["first_pass"] - r["detect"] for r in both])
+        result["first_pass"] = {"weights": args.first_pass, **summarise(rows, "first_pass", n),
+                                "nme_minus_detect_same_faces": float(diff.mean()),
+                                "nme_minus_detect_standard_error": float(diff.std(ddof=1) / np.sqrt(len(diff))) if len(diff) > 1 else None,
+                                "one_face_640x480_ms": one_face_640x480_ms(model, first_pass=first_pass)}
     if peer is not None:
         result["dlib"] = summarise(rows, "dlib", n)
-    for key in ("gt_box", "detect", "dlib"):
+    for key in ("gt_box", "detect", "first_pass", "dlib"):
         if key in result:
             r = result[key]
             ms = f"{r['ms_per_image']:6.1f} ms/image" if r["ms_per_image"] else ""
@@ -165,6 +183,11 @@ def main(argv=None) -> dict:
                   f"(HELEN {100 * r['nme_by_subset']['helen']:.2f}%, LFPW {100 * r['nme_by_subset']['lfpw']:.2f}%)  {ms}", flush=True)
     print(f"detect / gt-box NME on the same faces: {result['detect_over_gt_box_same_faces']:.3f}; "
           f"640x480 photo with one face: {result['one_face_640x480_ms']:.0f} ms (detector + landmarks)")
+    if first_pass is not None:
+        r = result["first_pass"]
+        print(f"first pass by {args.first_pass}: NME {100 * r['nme_minus_detect_same_faces']:+.3f} +- "
+              f"{100 * (r['nme_minus_detect_standard_error'] or 0):.3f} points against detect() on the same faces; "
+              f"640x480 photo with one face: {r['one_face_640x480_ms']:.0f} ms")
     return write_results(result, args.out)
 
 

@@ -16,7 +16,7 @@ from PIL import Image
 
 from lgcn_jax.landmarks68 import LEFT_EYE, RIGHT_EYE
 
-__all__ = ["CROP_MARGIN", "crop_ratio", "similarity", "similarity_params", "apply_affine", "invert_affine", "warp", "landmark_box", "square_box", "crop", "to_crop", "to_original", "from_landmarks"]
+__all__ = ["CROP_MARGIN", "crop_ratio", "similarity", "similarity_params", "apply_affine", "invert_affine", "reframe", "warp", "landmark_box", "square_box", "crop", "to_crop", "to_original", "from_landmarks"]
 
 CROP_MARGIN = 0.2
 
@@ -88,6 +88,14 @@ def similarity_params(matrix: np.ndarray, size: int) -> tuple[np.ndarray, float,
     """(center f[2], side, angle) of a ``similarity`` crop map f[2, 3]: its inverse."""
     center = matrix[:, :2] @ np.full(2, (size - 1) / 2.0) + matrix[:, 2]
     return center, float(np.sqrt(abs(np.linalg.det(matrix[:, :2])))) * size, float(np.arctan2(matrix[1, 0], matrix[0, 0]))
+
+
+def reframe(matrix: np.ndarray, size: int, ratio: float, new_size: int, new_ratio: float) -> np.ndarray:
+    """The same face's crop map for another model: ``matrix`` frames it for ``size`` px crops with side ``ratio``
+    x its landmarks' extent; the result has the same centre and roll, ``new_size`` px and side ``new_ratio`` x that
+    extent."""
+    center, side, angle = similarity_params(matrix, size)
+    return similarity(center, side * new_ratio / ratio, angle, new_size)
 
 
 def apply_affine(matrix: np.ndarray, points: np.ndarray) -> np.ndarray:

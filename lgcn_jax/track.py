@@ -29,7 +29,7 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from lgcn_jax import crop as crop_lib
-from lgcn_jax.detect import Face, landmarks
+from lgcn_jax.detect import Face, first_pass_model, landmarks
 from lgcn_jax.detectors import FaceDetector, get_detector
 from lgcn_jax.image_io import load_gray
 from lgcn_jax.landmarks68 import LEFT_EYE, RIGHT_EYE
@@ -57,6 +57,7 @@ class Tracker:
         half-occluded profile of docs/img/detect_group.png 0.49, crops of background <= 0.37, noise
         < 0.01 (300w_cpu: >= 0.57, 0.33, <= 0.28, < 0.05).
       refine: passes re-cut from the landmarks for a newly detected face (as ``detect``).
+      first_pass: the model of those passes but the last (as ``detect``; None: ``model``).
     """
 
     model: object
@@ -66,6 +67,7 @@ class Tracker:
     refine: int = 1
     follow_passes: int = 2
     batch_size: int = 32
+    first_pass: object = None
     frame_index: int = dataclasses.field(default=-1, init=False)
     faces: list[Face] = dataclasses.field(default_factory=list, init=False)
     _next_id: int = dataclasses.field(default=0, init=False)
@@ -81,6 +83,7 @@ class Tracker:
         if self.refine < 0:
             raise ValueError(f"refine must be >= 0, got {self.refine}")
         self.detector = get_detector(self.detector)
+        self.first_pass = first_pass_model(self.first_pass, self.model)
 
     def update(self, frame) -> list[Face]:
         """The faces of the next frame (u8[H, W], RGB u8[H, W, 3], PIL image or path), each with its ``track_id``."""
@@ -119,7 +122,7 @@ class Tracker:
         size = self.model.config.data.image_size
         found = self.detector(gray)
         maps = [crop_lib.similarity(d.center, d.size * ratio, d.angle, size) for d in found]
-        faces = landmarks(self.model, [gray], [0] * len(maps), maps, [d.score for d in found], self.refine, self.batch_size)
+        faces = landmarks(self.model, [gray], [0] * len(maps), maps, [d.score for d in found], self.refine, self.batch_size, self.first_pass)
         out = list(tracked)
         for face in sorted(faces, key=lambda f: -float(np.mean(f.confidence))):
             if float(np.mean(face.confidence)) < self.min_confidence:
@@ -196,14 +199,14 @@ def _unique(faces: list[Face]) -> list[Face]:
 
 
 def track(frames: Iterable, params=None, *, detector: str | FaceDetector | None = None, detect_every: int = 10,
-          min_confidence: float = MIN_CONFIDENCE, refine: int = 1) -> Iterator[list[Face]]:
+          min_confidence: float = MIN_CONFIDENCE, refine: int = 1, first_pass=None) -> Iterator[list[Face]]:
     """Landmarks of every face in each of ``frames``, with a ``track_id`` that follows a face across frames.
 
     Args:
       frames: an iterable of frames (u8[H, W] gray, RGB u8[H, W, 3], PIL images or paths; a
         generator is consumed lazily), or the path of a video file (read frame by frame).
       params: a ``Model``; None loads the released weights (``load_pretrained``).
-      detector, detect_every, min_confidence, refine: see ``Tracker``.
+      detector, detect_every, min_confidence, refine, first_pass: see ``Tracker``.
     Yields:
       per frame, a list of ``Face`` in image pixels, ordered by ``track_id``; [] when none.
     """
@@ -212,7 +215,8 @@ def track(frames: Iterable, params=None, *, detector: str | FaceDetector | None 
     model = load_pretrained() if params is None else params
     if not isinstance(model, Model):
         raise TypeError("params must be a lgcn_jax.Model (from load_model / load_pretrained), or None for the released weights")
-    tracker = Tracker(model, detector=detector, detect_every=detect_every, min_confidence=min_confidence, refine=refine)
+    tracker = Tracker(model, detector=detector, detect_every=detect_every, min_confidence=min_confidence, refine=refine,
+                      first_pass=first_pass)
     if isinstance(frames, (str, os.PathLike)):  # one path: a video (a string is not a sequence of frames)
         from lgcn_jax.video import read_frames
 

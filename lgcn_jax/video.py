@@ -90,7 +90,7 @@ def read_frames(path: str) -> Iterator[np.ndarray]:
 
 
 def annotate_video(path: str, out_dir: str, model, name: str | None = None, *, detector=None, detect_every: int = 10,
-                   min_confidence: float = MIN_CONFIDENCE, progress: bool = True) -> dict:
+                   min_confidence: float = MIN_CONFIDENCE, progress: bool = True, first_pass=None) -> dict:
     """Track the faces of video ``path``; write ``NAME.jsonl`` (one line per frame) and ``NAME_landmarks.mp4``.
 
     Each JSON line: ``{"frame": i, "time_s": t, "faces": [Face.to_dict(), ...]}``.  Returns a
@@ -110,7 +110,7 @@ def annotate_video(path: str, out_dir: str, model, name: str | None = None, *, d
     os.makedirs(out_dir, exist_ok=True)
     jsonl, mp4 = os.path.join(out_dir, name + ".jsonl"), os.path.join(out_dir, name + "_landmarks.mp4")
     fps = info["fps"] if info["fps"] > 0 else 25.0
-    tracker = Tracker(model, detector=detector, detect_every=detect_every, min_confidence=min_confidence)
+    tracker = Tracker(model, detector=detector, detect_every=detect_every, min_confidence=min_confidence, first_pass=first_pass)
     writer = None
     frames = counted = 0
     start = time.perf_counter()

@@ -180,6 +180,14 @@ def test_cli_checkpoint_by_released_name(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "no released checkpoint of that name" in err and "'300w_nope'" in err and "300w_cpu" in err and "300w_paper" in err
     assert main([str(photo), "--out", str(tmp_path / "c"), "--checkpoint", str(tmp_path / "nowhere"), "--no_progress"]) == 1
+    # --first_pass: released weights by name for the pass that frames the second one's crop
+    assert main([str(photo), "--out", str(tmp_path / "d"), "--checkpoint", "300w_cpu", "--first_pass", "300w_paper", "--no_progress"]) == 0
+    framed = detect(str(photo), small, first_pass="300w_paper")[0].landmarks
+    assert np.abs(framed - expected).max() > 0.1  # another framing: other landmarks
+    np.testing.assert_allclose(json.loads((tmp_path / "d" / "hopper.json").read_text())["faces"][0]["landmarks"], framed, atol=0.006)
+    capsys.readouterr()
+    assert main([str(photo), "--out", str(tmp_path / "e"), "--first_pass", "300w_nope", "--no_progress"]) == 1
+    assert "'300w_nope'" in capsys.readouterr().err and not (tmp_path / "e").exists()
 
 
 def test_pretrained_loader_errors(tmp_path, monkeypatch):
@@ -196,11 +204,13 @@ def test_pretrained_loader_errors(tmp_path, monkeypatch):
         lgcn_jax.load_pretrained("nope")
 
 
-def test_default_weights_find_the_features_of_a_real_photo():
+@pytest.mark.parametrize("first_pass", [None, "300w_cpu"])
+def test_default_weights_find_the_features_of_a_real_photo(first_pass):
     """The released 300-W weights on the one real photo that ships offline (Grace Hopper, with matplotlib):
     eyes, nose tip, mouth and chin within about a tenth of the eye distance of positions read off the photo
-    by eye. The synthetic weights miss these by a third of the eye distance and more."""
-    faces = detect(PHOTO)
+    by eye. The synthetic weights miss these by a third of the eye distance and more.  So they do when the
+    small network runs the first pass, which only frames the second one's crop."""
+    faces = detect(PHOTO, first_pass=first_pass)
     assert len(faces) == 1
     lm = faces[0].landmarks
     read_by_eye = {"right eye (image left)": (lm[36:42].mean(0), (218, 190), 10), "left eye": (lm[42:48].mean(0), (307, 187), 10),
@@ -227,3 +237,49 @@ def test_lgcn_detect_keeps_compiled_programs_in_the_user_cache_unless_one_is_set
     cache = tmp_path / "xdg" / "lgcn_jax" / "xla"
     assert out.stdout.strip().splitlines()[-1] == str(cache)
     assert os.listdir(cache)  # the program was stored
+
+
+def test_first_pass_runs_every_pass_but_the_last_on_crops_framed_for_it(model, monkeypatch):
+    """first_pass: the first network sees crops of its own size and framing (crop.reframe) around the detector's
+    guess, the model the crop re-cut from those landmarks in its own; first_pass=model is detect() as it is."""
+    import importlib
+
+    from lgcn_jax import crop as crop_lib
+
+    detect_mod = importlib.import_module("lgcn_jax.detect")  # the module: lgcn_jax.detect is also the function
+
+    img, truths = scene()
+    plain = detect(img, model, detector=oracle(truths))
+    same = detect(img, model, detector=oracle(truths), first_pass=model)
+    for a, b in zip(plain, same):
+        np.testing.assert_array_equal(a.landmarks, b.landmarks)
+    small = lgcn_jax.load_pretrained("300w_cpu")  # crops framed 1.4x the landmarks' extent; the model's are 1.87x
+    calls = []
+    run = detect_mod._run
+    monkeypatch.setattr(detect_mod, "_run", lambda net, crops, bs: calls.append((net, crops.shape)) or run(net, crops, bs))
+    framed = detect(img, model, detector=oracle(truths), first_pass=small)
+    assert [(net is small, shape) for net, shape in calls] == [(True, (3, 64, 64)), (False, (3, 64, 64))]
+    size = model.config.data.image_size
+    for f, lm in zip(framed, truths):  # the final crop is the model's framing of the small network's landmarks
+        assert nme(f.landmarks, lm) < 0.2
+        center, side, _ = crop_lib.similarity_params(f.crop, size)
+        assert np.linalg.norm(center - (lm.min(0) + lm.max(0)) / 2) < 0.1 * side
+    m = crop_lib.similarity((50.0, 60.0), 80.0, 0.3, 96)
+    np.testing.assert_allclose(crop_lib.reframe(m, 96, 1.4, 96, 1.4), m)
+    center, side, angle = crop_lib.similarity_params(crop_lib.reframe(m, 96, 1.4, 64, 1.87), 64)
+    np.testing.assert_allclose((*center, side, angle), (50.0, 60.0, 80.0 * 1.87 / 1.4, 0.3))
+
+
+def test_first_pass_that_cannot_frame_the_crops_is_refused(model):
+    import dataclasses
+
+    blank = np.zeros((64, 64), np.uint8)
+    with pytest.raises(CheckpointError, match="no released checkpoint of that name.*300w_cpu"):
+        detect(blank, model, first_pass="300w_nope")
+    with pytest.raises(TypeError, match="first_pass must be a lgcn_jax.Model, the name of released weights"):
+        detect(blank, model, first_pass=3)
+    five = model._replace(config=dataclasses.replace(model.config, model=dataclasses.replace(model.config.model, num_landmarks=5)))
+    with pytest.raises(ValueError, match="first_pass marks 5 landmarks and the model 68"):
+        detect(blank, model, first_pass=five)
+    with pytest.raises(ValueError, match="first_pass marks 5 landmarks"):
+        next(lgcn_jax.track([blank], model, first_pass=five))
