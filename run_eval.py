@@ -25,11 +25,13 @@ def main(argv=None) -> int:
                         "synthetic: validation, test (default: test)")
     p.add_argument("--which", choices=["best", "last"], default="best", help="which checkpoint of a workdir to load")
     p.add_argument("--no_shape_model", action="store_true", help="decode by sub-pixel arg-max only, without the PCA shape model")
+    p.add_argument("--flip_test", action="store_true",
+                   help="also run the network on the mirrored faces and average the heatmaps (postprocess.flip_test; twice the time)")
     p.add_argument("--config", nargs="*", default=[], metavar="KEY=VALUE",
                    help="post-processing and data overrides, e.g. postprocess.local_windows=() data.data_dir=/data/tfds")
     p.add_argument("--data_dir", help="shortcut for data.data_dir")
     p.add_argument("--batch_size", type=int, default=32)
-    p.add_argument("--out", help="folder for eval_SPLIT.json and ced_SPLIT.png (_argmax appended with --no_shape_model; "
+    p.add_argument("--out", help="folder for eval_SPLIT.json and ced_SPLIT.png (_argmax appended with --no_shape_model, _flip with flip_test; "
                                  "default: WORKDIR/eval with --workdir, else ./eval)")
     p.add_argument("--no_progress", action="store_true")
     args = p.parse_args(argv)
@@ -51,7 +53,8 @@ def main(argv=None) -> int:
 
         path = args.workdir or checkpoint_path(args.checkpoint)  # no flag: the released default weights
         model = lgcn_jax.load_model(path, which=args.which, require_shape_model=not args.no_shape_model)
-        overrides = list(args.config) + ([f"data.data_dir={args.data_dir}"] if args.data_dir else [])
+        overrides = (list(args.config) + ([f"data.data_dir={args.data_dir}"] if args.data_dir else [])
+                     + (["postprocess.flip_test=true"] if args.flip_test else []))
         bad = [o for o in overrides if not o.startswith(("postprocess.", "data."))]
         if bad:
             raise ValueError(f"only postprocess.* and data.* can be overridden at evaluation, not {bad}")
@@ -77,8 +80,8 @@ def main(argv=None) -> int:
     except ValueError as e:
         print(f"run_eval.py: error: {e}", file=sys.stderr)
         return 2
-    decoder = "argmax" if args.no_shape_model else "shape_model"
-    suffix = "_argmax" if args.no_shape_model else ""
+    decoder = ("argmax" if args.no_shape_model else "shape_model") + (" + flip_test" if config.postprocess.flip_test else "")
+    suffix = ("_argmax" if args.no_shape_model else "") + ("_flip" if config.postprocess.flip_test else "")
     reports = {}
     for split, d in data.items():
         try:

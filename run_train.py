@@ -25,11 +25,15 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="only write the workdir's best checkpoint to DIR as a self-contained folder (for load_model, checkpoints/)")
     p.add_argument("--recalibrate", type=int, default=0, metavar="N",
                    help="with --export: measure the BatchNorm statistics again over N batches of training crops first")
+    p.add_argument("--calibrate_x_offset", action="store_true",
+                   help="with --export: measure postprocess.x_offset on the validation faces (README: Evaluate)")
     p.add_argument("--shape_model_only", action="store_true",
                    help="only (re)build WORKDIR/shape_model.npz from the training split of the workdir's stored config")
     args = p.parse_args(argv)
     if args.recalibrate < 0 or (args.recalibrate and not args.export):
         p.error("--recalibrate N takes N >= 0 and goes with --export")
+    if args.calibrate_x_offset and not args.export:
+        p.error("--calibrate_x_offset goes with --export")
     if args.data_dir:
         # Stored in WORKDIR/config.json: absolute, so that later commands from another folder find it.
         args.data_dir = os.path.abspath(os.path.expanduser(args.data_dir))
@@ -73,8 +77,9 @@ def main(argv=None) -> int:
         from lgcn_jax import train
 
         try:
-            path = train.export_workdir(args.workdir, args.export, recalibrate_batches=args.recalibrate, data_dir=args.data_dir)
-        except (lgcn_jax.CheckpointError, lgcn_jax.ShapeModelError, DatasetError) as e:
+            path = train.export_workdir(args.workdir, args.export, recalibrate_batches=args.recalibrate, data_dir=args.data_dir,
+                                        calibrate_x_offset=args.calibrate_x_offset)
+        except (lgcn_jax.CheckpointError, lgcn_jax.ShapeModelError, DatasetError, ValueError) as e:
             print(f"run_train.py: error: {e}", file=sys.stderr)
             return 1
         print(f"wrote {path}")

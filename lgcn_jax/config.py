@@ -134,6 +134,15 @@ class PostprocessConfig:
     local_windows: tuple[int, ...] = (20, 7)
     blend: bool = True  # final point: mix of the fit and the nearest local maximum, by its value
     solver_iterations: int = 30  # interior-point iterations of the constrained least squares
+    # Test-time mirroring: the network also runs on the mirrored image, and its heatmaps, mirrored back with
+    # the 68-point permutation, are averaged with the image's before decoding.  Twice the network's cost;
+    # not in the paper (README, "Evaluate", has what it changes).
+    flip_test: bool = False
+    # Added to every decoded x (pixels of the heatmaps).  Mirror augmentation mirrors the labels about the
+    # crop's centre; where a dataset's labels sit off the image content horizontally (300-W: ~0.3 px of a
+    # 96-px crop), the mirrored half of training cancels that offset, so the network cannot learn it and its x
+    # is biased by minus the offset.  Measured on held-out training faces (evaluation.horizontal_offset).
+    x_offset: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -288,6 +297,10 @@ def validate(config: Config) -> None:
     pp = config.postprocess
     if pp.num_components < 1 or pp.solver_iterations < 1:
         raise ValueError("postprocess.num_components and postprocess.solver_iterations must be positive")
+    if not math.isfinite(pp.x_offset):
+        raise ValueError(f"postprocess.x_offset must be a finite number of pixels, got {pp.x_offset}")
+    if pp.flip_test and m.num_landmarks != 68:
+        raise ValueError(f"postprocess.flip_test needs the 68-point markup (its left/right permutation), not {m.num_landmarks} points")
     if any(w < 1 for w in pp.local_windows):
         raise ValueError(f"postprocess.local_windows must be positive half-widths, got {pp.local_windows}")
 

@@ -144,6 +144,8 @@ def landmarks(model, grays: Sequence[np.ndarray], owners: Sequence[int], maps: S
         run_maps = maps if net is model else [crop_lib.reframe(m, size, ratio, net_size, crop_lib.crop_ratio(net.config.data.dataset))
                                               for m in maps]
         crops = np.stack([crop_lib.warp(grays[o], m, net_size) for o, m in zip(owners, run_maps)])
+        if it < refine and net.config.postprocess.flip_test:
+            net = net.with_postprocess(flip_test=False)  # a pass that only frames the next crop: not worth twice the time
         lm_crop, conf = _run(net, crops, batch_size)
         points = [crop_lib.apply_affine(m, p) for m, p in zip(run_maps, lm_crop)]
         if it < refine:
@@ -163,8 +165,8 @@ def detect(image, params=None, *, detector: str | FaceDetector | None = None, re
       refine: passes re-cut from the previous landmarks (0: trust the detector's box).
       first_pass: the model of every pass but the last, whose landmarks only frame the next crop: a
         ``Model``, the name of released weights or a checkpoint folder; None: ``params`` itself.  With the
-        default weights, ``first_pass="300w_cpu"`` took 458 instead of 861 ms for a 640x480 photo of one
-        face on a 2-core CPU, and gave an NME of 3.47% instead of 3.45% on the 554 common-subset photos of
+        default weights, ``first_pass="300w_cpu"`` took 507 instead of 1005 ms for a 640x480 photo of one
+        face on a 2-core CPU, and gave an NME of 3.39% instead of 3.37% on the 554 common-subset photos of
         300-W (README, "End to end on real photos").
     Returns:
       one ``Face`` per face found, left to right; [] when there is none.
@@ -240,6 +242,8 @@ def main(argv=None) -> int:
                                         "fast on a CPU); default: 300w_paper (lgcn_jax.load_pretrained)")
     p.add_argument("--first_pass", help="weights for the first of the two passes, which only frames the second one's crop: "
                                         "e.g. 300w_cpu, nearly halving the time on a CPU (default: the --checkpoint model)")
+    p.add_argument("--flip_test", action="store_true", help="also run the final pass on each mirrored face and average the heatmaps "
+                   "(postprocess.flip_test: more accurate, the network's time x1.5 for images)")
     p.add_argument("--overwrite", action="store_true", help="replace results already in --out")
     p.add_argument("--no_progress", action="store_true")
     p.add_argument("--no_cache", action="store_true",
@@ -258,6 +262,8 @@ def main(argv=None) -> int:
 
     try:
         model = load_model(checkpoint_path(args.checkpoint))
+        if args.flip_test:
+            model = model.with_postprocess(flip_test=True)
         first_pass = first_pass_model(args.first_pass, model)
         detector = get_detector(args.detector)
     except (CheckpointError, ShapeModelError, ValueError, ImportError) as e:

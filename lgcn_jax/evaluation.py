@@ -10,7 +10,7 @@ import numpy as np
 from lgcn_jax import input_pipeline, metrics
 from lgcn_jax.predict import Model, predict
 
-__all__ = ["predict_batches", "predict_landmarks", "evaluate_landmarks", "subset_reports", "write_report", "plot_ced", "plot_training", "format_table", "NORMS"]
+__all__ = ["predict_batches", "predict_landmarks", "horizontal_offset", "evaluate_landmarks", "subset_reports", "write_report", "plot_ced", "plot_training", "format_table", "NORMS"]
 
 NORMS = ("inter_ocular", "inter_pupil")
 THRESHOLD = 0.08
@@ -36,6 +36,13 @@ def predict_batches(fn, data: dict, batch_size: int = 32, progress: bool = False
 def predict_landmarks(model: Model, data: dict, batch_size: int = 32, progress: bool = False) -> np.ndarray:
     """Landmarks f32[N, L, 2] of ``model`` (network + its post-processing) for a split held in memory."""
     return predict_batches(lambda images: predict(model, images), data, batch_size, progress)
+
+
+def horizontal_offset(model: Model, data: dict, batch_size: int = 32) -> float:
+    """The ``postprocess.x_offset`` of ``model``: the mean of ground-truth x minus decoded x (pixels of its crops)
+    over labelled faces ``data`` held out of training, decoded as the model decodes but without an offset."""
+    pred = predict_landmarks(model.with_postprocess(x_offset=0.0), data, batch_size)
+    return float(np.mean(np.asarray(data["landmarks"], np.float64)[..., 0] - pred[..., 0]))
 
 
 def evaluate_landmarks(pred: np.ndarray, gt: np.ndarray, threshold: float = THRESHOLD) -> dict:

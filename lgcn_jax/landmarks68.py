@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["NUM_POINTS", "RIGHT_EYE", "LEFT_EYE", "OUTER_EYE_CORNERS", "FLIP_PERMUTATION"]
+__all__ = ["NUM_POINTS", "RIGHT_EYE", "LEFT_EYE", "OUTER_EYE_CORNERS", "FLIP_PERMUTATION", "mirror_heatmaps"]
 
 NUM_POINTS = 68
 RIGHT_EYE, LEFT_EYE = slice(36, 42), slice(42, 48)
@@ -24,3 +24,15 @@ FLIP_PERMUTATION = np.array(
     + [54, 53, 52, 51, 50, 49, 48, 59, 58, 57, 56, 55]  # outer lip
     + [64, 63, 62, 61, 60, 67, 66, 65]  # inner lip
 )
+
+
+def mirror_heatmaps(heatmaps):
+    """The heatmaps of the mirror image, as maps of the original's points: f32[..., H, W, 68] -> same.
+
+    Columns are reversed (x -> W - 1 - x, the mirror of the augmentation) and the maps reordered by
+    ``FLIP_PERMUTATION`` (its own inverse), so the map of the mirror image's left eye corner becomes that
+    of the right one.  NumPy or JAX arrays.
+    """
+    if heatmaps.shape[-1] != NUM_POINTS:
+        raise ValueError(f"mirroring heatmaps needs the 68-point markup, got {heatmaps.shape[-1]} maps")
+    return heatmaps[..., ::-1, :][..., FLIP_PERMUTATION]

@@ -301,10 +301,14 @@ def postprocess_batch(heatmaps: jax.Array, model: ShapeModel, config: Postproces
     """
     one = functools.partial(_postprocess_one, model=model, cfg=config)
     if heatmaps.shape[0] == 1:
-        return jax.tree_util.tree_map(lambda v: v[None], one(heatmaps[0]))
-    if jax.default_backend() == "cpu":
-        return lax.map(one, heatmaps)
-    return jax.vmap(one)(heatmaps)
+        landmarks, value = jax.tree_util.tree_map(lambda v: v[None], one(heatmaps[0]))
+    elif jax.default_backend() == "cpu":
+        landmarks, value = lax.map(one, heatmaps)
+    else:
+        landmarks, value = jax.vmap(one)(heatmaps)
+    if config.x_offset:
+        landmarks = landmarks.at[..., 0].add(config.x_offset)
+    return landmarks, value
 
 
 @functools.partial(jax.jit, static_argnames="config")

@@ -8,13 +8,15 @@ import os
 from typing import NamedTuple, Union
 
 import jax
+import jax.numpy as jnp
 
 from lgcn_jax import network, sharding
-from lgcn_jax.config import Config, PostprocessConfig
+from lgcn_jax.config import Config, PostprocessConfig, validate
+from lgcn_jax.landmarks68 import NUM_POINTS, mirror_heatmaps
 from lgcn_jax.postprocess import check_heatmaps, postprocess_batch
 from lgcn_jax.shape_model import ShapeModel, ShapeModelError, empty_shape_model, load_shape_model, save_shape_model
 
-__all__ = ["Model", "predict", "predict_with_confidence", "load_model", "export_model", "load_pretrained", "PRETRAINED"]
+__all__ = ["Model", "heatmaps", "predict", "predict_with_confidence", "load_model", "export_model", "load_pretrained", "PRETRAINED"]
 
 
 class Model(NamedTuple):
@@ -24,11 +26,34 @@ class Model(NamedTuple):
     shape_model: ShapeModel | None
     config: Config
 
+    def with_postprocess(self, **settings) -> "Model":
+        """This model with other inference settings (fields of ``PostprocessConfig``), e.g.
+        ``load_pretrained().with_postprocess(flip_test=True)``; the weights are shared, not copied."""
+        fields = {f.name for f in dataclasses.fields(PostprocessConfig)}
+        unknown = sorted(set(settings) - fields)
+        if unknown:
+            raise ValueError(f"unknown postprocess settings {unknown}; fields of PostprocessConfig: {', '.join(sorted(fields))}")
+        config = dataclasses.replace(self.config, postprocess=dataclasses.replace(self.config.postprocess, **settings))
+        validate(config)
+        return self._replace(config=config)
+
+
+def heatmaps(params: network.LGCNParams, images: jax.Array, flip_test: bool = False) -> jax.Array:
+    """The network's heatmaps f32[B, H, W, L] of images f32[B, H, W, 1] (or u8), as ``predict`` decodes them.
+
+    With ``flip_test`` they are the mean of the image's maps and its mirror image's maps mirrored back
+    (``landmarks68.mirror_heatmaps``); both halves run as one batch of 2B.
+    """
+    if not flip_test:
+        return network.apply(params, images)
+    b = images.shape[0]
+    both = network.apply(params, jnp.concatenate([images, images[:, :, ::-1]]))
+    return 0.5 * (both[:b] + mirror_heatmaps(both[b:]))
+
 
 @functools.partial(jax.jit, static_argnames="config")
 def _predict(params, images, shape_model, config):
-    heatmaps = network.apply(params, images)
-    return postprocess_batch(heatmaps, shape_model, config)
+    return postprocess_batch(heatmaps(params, images, config.flip_test), shape_model, config)
 
 
 def predict_with_confidence(model: Union[Model, network.LGCNParams], images, shape_model: ShapeModel | None = None,
@@ -43,6 +68,9 @@ def predict_with_confidence(model: Union[Model, network.LGCNParams], images, sha
     config = PostprocessConfig() if config is None else config
     if shape_model is None:
         config = dataclasses.replace(config, use_shape_model=False)
+    if config.flip_test and params.config.num_landmarks != NUM_POINTS:
+        raise ValueError(f"flip_test needs the 68-point markup (its left/right permutation); this network marks "
+                         f"{params.config.num_landmarks} points: set postprocess.flip_test=false")
     images = network.check_images(images)
     size = images.shape[1]
     if shape_model is not None:
@@ -152,9 +180,9 @@ def load_pretrained(name: str = PRETRAINED) -> Model:
     installed wheel, or ``$LGCN_CHECKPOINTS/NAME`` where that is set.
 
     The default, ``300w_paper``, is the paper's network (128 filters, 96x96 crops) trained on
-    1813 real 300-W training faces on one GPU: 3.40% inter-ocular NME on the 300-W common subset
+    1813 real 300-W training faces on one GPU: 3.33% inter-ocular NME on the 300-W common subset
     with the shape model.  ``300w_cpu`` is the small ``cpu`` preset (64x64 crops, 1/46 of the
-    FLOPs, 4.09%) for when speed on a CPU matters more.  ``synthetic_quick`` is the quick preset
+    FLOPs, 4.04%) for when speed on a CPU matters more.  ``synthetic_quick`` is the quick preset
     trained on the synthetic faces of ``data_prep`` (for tests and the offline demo; not for real
     photos).
     checkpoints/README.md gives their training commands and numbers, and the 300-W licence

@@ -337,12 +337,15 @@ def _train_and_evaluate(config: Config, workdir: str, progress: bool, stored: Co
     return result
 
 
-def export_workdir(workdir: str, directory: str, which: str = "best", recalibrate_batches: int = 0, data_dir: str | None = None) -> str:
+def export_workdir(workdir: str, directory: str, which: str = "best", recalibrate_batches: int = 0, data_dir: str | None = None,
+                   calibrate_x_offset: bool = False) -> str:
     """Write a workdir's checkpoint as a self-contained folder (config.json, params.msgpack, shape_model.npz).
 
     With ``recalibrate_batches`` > 0 the BatchNorm statistics are measured again over that many
     batches of unaugmented training crops first (the best checkpoint already carries
     ``train.bn_recalibration_batches`` of them), read from ``data_dir`` (default: the workdir's stored one).
+    With ``calibrate_x_offset`` the exported ``postprocess.x_offset`` is measured on the validation faces
+    (``evaluation.horizontal_offset``; never on a test subset).
     Refuses to write into a non-empty ``directory``.
     """
     from lgcn_jax.predict import export_model, load_model
@@ -354,9 +357,21 @@ def export_workdir(workdir: str, directory: str, which: str = "best", recalibrat
     if recalibrate_batches < 0:
         raise ValueError(f"recalibrate_batches must be >= 0, got {recalibrate_batches}")
     model = load_model(workdir, which=which)
-    if recalibrate_batches:
-        config = dataclasses.replace(model.config, train=dataclasses.replace(model.config.train, bn_recalibration_batches=recalibrate_batches))
-        if data_dir:
-            config = dataclasses.replace(config, data=dataclasses.replace(config.data, data_dir=data_dir))
-        model = model._replace(params=recalibrated(model.params, training_splits(config)[0], config))
+    config = model.config
+    if data_dir:
+        config = dataclasses.replace(config, data=dataclasses.replace(config.data, data_dir=data_dir))
+    if calibrate_x_offset and config.data.dataset == "300w" and config.data.validation_faces == 0:
+        raise ValueError("calibrate_x_offset needs faces held out of train (data.validation_faces > 0); "
+                         "this run has none, and the test subsets are not used for calibration")
+    if recalibrate_batches or calibrate_x_offset:
+        train_data, val_data = training_splits(config)
+        if recalibrate_batches:
+            config = dataclasses.replace(config, train=dataclasses.replace(config.train, bn_recalibration_batches=recalibrate_batches))
+            model = model._replace(params=recalibrated(model.params, train_data, config))
+        if calibrate_x_offset:
+            from lgcn_jax.evaluation import horizontal_offset
+
+            offset = horizontal_offset(model, val_data)
+            log.info("postprocess.x_offset = %.4f px, measured on %d validation faces", offset, len(val_data["image"]))
+            model = model.with_postprocess(x_offset=round(offset, 4))
     return export_model(model, directory)

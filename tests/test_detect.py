@@ -283,3 +283,27 @@ def test_first_pass_that_cannot_frame_the_crops_is_refused(model):
         detect(blank, model, first_pass=five)
     with pytest.raises(ValueError, match="first_pass marks 5 landmarks"):
         next(lgcn_jax.track([blank], model, first_pass=five))
+
+
+def test_flip_test_runs_on_the_last_pass_only(model, monkeypatch, tmp_path):
+    """A model with flip_test: the pass that only frames the next crop runs without it, the final pass with it
+    (and so differs from detect() without flip_test); lgcn-detect --flip_test writes those landmarks."""
+    import importlib
+
+    detect_mod = importlib.import_module("lgcn_jax.detect")
+    img, truths = scene()
+    flip = model.with_postprocess(flip_test=True)
+    calls = []
+    run = detect_mod._run
+    monkeypatch.setattr(detect_mod, "_run", lambda net, crops, bs: calls.append(net.config.postprocess.flip_test) or run(net, crops, bs))
+    faces = detect(img, flip, detector=oracle(truths))
+    assert calls == [False, True]
+    plain = detect(img, model, detector=oracle(truths))
+    for f, p, lm in zip(faces, plain, truths):
+        assert nme(f.landmarks, lm) < 0.2 and np.abs(f.landmarks - p.landmarks).max() > 0.01
+    monkeypatch.setattr(detect_mod, "_run", run)
+    photo = tmp_path / "hopper.jpg"
+    shutil.copy(PHOTO, photo)
+    assert main([str(photo), "--out", str(tmp_path / "o"), "--checkpoint", "300w_cpu", "--flip_test", "--no_progress"]) == 0
+    want = detect(str(photo), lgcn_jax.load_pretrained("300w_cpu").with_postprocess(flip_test=True))[0].landmarks
+    np.testing.assert_allclose(json.loads((tmp_path / "o" / "hopper.json").read_text())["faces"][0]["landmarks"], want, atol=0.006)

@@ -1,5 +1,6 @@
 """Shape model and post-processing: jnp against the NumPy/SciPy reference, recovery, robustness, errors."""
 
+import dataclasses
 import os
 import shutil
 import subprocess
@@ -356,3 +357,81 @@ def test_first_argmax_is_the_flat_argmax_with_ties_and_nan():
     iy, ix = first_argmax(jnp.asarray(hm))
     flat = np.argmax(np.moveaxis(hm, -1, 0).reshape(9, -1), axis=-1)
     np.testing.assert_array_equal(np.asarray(iy) * 20 + np.asarray(ix), flat)
+
+
+# ---- test-time mirroring (postprocess.flip_test) -----------------------------------------------------------------------
+
+MIRROR_OF = {0: 16, 17: 26, 31: 35, 36: 45, 37: 44, 39: 42, 41: 46, 48: 54, 49: 53, 60: 64, 61: 63, 65: 67, 27: 27, 30: 30, 57: 57}
+
+
+def test_mirror_permutation_pairs_the_points_of_the_markup():
+    """A hand-written table of the iBUG markup's left/right pairs (jaw ends, brow ends, nostrils, eye and mouth
+    corners, lids, inner lip; the midline maps to itself) against the permutation that the mirroring uses."""
+    from lgcn_jax.landmarks68 import FLIP_PERMUTATION
+
+    for a, b in MIRROR_OF.items():
+        assert FLIP_PERMUTATION[a] == b and FLIP_PERMUTATION[b] == a
+    np.testing.assert_array_equal(FLIP_PERMUTATION[FLIP_PERMUTATION], np.arange(68))
+
+
+def test_flip_test_averages_with_the_mirror_image_and_is_mirror_symmetric():
+    """heatmaps(flip_test=True) is the mean of the image's maps and the mirror image's maps, mirrored back (a plain
+    loop over the maps here); so a mirrored face gets exactly the mirrored landmarks (arg-max decoding), which the
+    network alone does not give; predict and a Model with flip_test decode those maps."""
+    import importlib
+
+    from lgcn_jax.landmarks68 import FLIP_PERMUTATION
+
+    predict_mod = importlib.import_module("lgcn_jax.predict")  # the module: lgcn_jax.predict is also the function
+    model = lgcn_jax.load_pretrained("synthetic_quick")
+    images = np.stack([make_face(s, SIZE)[0] for s in (7000, 7001)])[..., None].astype(np.float32) / 255.0
+    got = np.asarray(predict_mod.heatmaps(model.params, images, flip_test=True))
+    plain, mirrored = np.asarray(lgcn_jax.apply(model.params, images)), np.asarray(lgcn_jax.apply(model.params, images[:, :, ::-1]))
+    want = np.empty_like(plain)
+    for k in range(68):
+        want[..., k] = 0.5 * (plain[..., k] + mirrored[:, :, ::-1, FLIP_PERMUTATION[k]])
+    np.testing.assert_allclose(got, want, atol=1e-6)
+
+    def mirror_points(lm):
+        return np.stack([SIZE - 1 - lm[..., 0], lm[..., 1]], -1)[:, FLIP_PERMUTATION]
+
+    argmax = PostprocessConfig(use_shape_model=False)
+    flip = model.with_postprocess(flip_test=True)
+    a = np.asarray(lgcn_jax.predict(flip.params, images, config=dataclasses.replace(argmax, flip_test=True)))
+    b = np.asarray(lgcn_jax.predict(flip.params, images[:, :, ::-1], config=dataclasses.replace(argmax, flip_test=True)))
+    np.testing.assert_allclose(b, mirror_points(a), atol=1e-4)
+    a0 = np.asarray(lgcn_jax.predict(model.params, images, config=argmax))
+    b0 = np.asarray(lgcn_jax.predict(model.params, images[:, :, ::-1], config=argmax))
+    assert np.abs(b0 - mirror_points(a0)).max() > 0.05  # not so without flip_test
+    np.testing.assert_allclose(np.asarray(lgcn_jax.predict(flip, images)),
+                               np.asarray(lgcn_jax.postprocess(got, model.shape_model, flip.config.postprocess)), atol=1e-4)
+    assert model.config.postprocess.flip_test is False and flip.params is model.params
+
+
+def test_flip_test_settings_errors():
+    model = lgcn_jax.load_pretrained("synthetic_quick")
+    with pytest.raises(ValueError, match=r"unknown postprocess settings \['flip'\].*flip_test"):
+        model.with_postprocess(flip=True)
+    cfg = lgcn_jax.get_config("quick")
+    with pytest.raises(ValueError, match="flip_test needs the 68-point markup.*5 points"):
+        lgcn_jax.apply_overrides(cfg, ["model.num_landmarks=5", "postprocess.flip_test=true"])
+    five = lgcn_jax.init(jax.random.key(0), dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, num_landmarks=5)), image_size=SIZE)
+    with pytest.raises(ValueError, match="flip_test needs the 68-point markup.*marks 5 points"):
+        lgcn_jax.predict(five, np.zeros((1, SIZE, SIZE, 1), np.float32), config=PostprocessConfig(use_shape_model=False, flip_test=True))
+    from lgcn_jax.landmarks68 import mirror_heatmaps
+
+    with pytest.raises(ValueError, match="68-point markup, got 5 maps"):
+        mirror_heatmaps(np.zeros((1, 8, 8, 5)))
+
+
+def test_run_eval_flip_test_writes_its_own_report(synthetic_data_dir, tmp_path, capsys):
+    import json
+
+    args = ["--checkpoint", "synthetic_quick", "--data_dir", synthetic_data_dir, "--split", "test", "--out", str(tmp_path)]
+    assert _eval(args, capsys).returncode == 0
+    r = _eval(args + ["--flip_test"], capsys)
+    assert r.returncode == 0, r.stderr
+    plain, flip = (json.loads((tmp_path / f"eval_test{s}.json").read_text()) for s in ("", "_flip"))
+    assert plain["postprocess"]["flip_test"] is False and flip["postprocess"]["flip_test"] is True
+    assert flip["decoder"] == "shape_model + flip_test" and (tmp_path / "ced_test_flip.png").exists()
+    assert flip["inter_ocular"]["per_image"] != plain["inter_ocular"]["per_image"]

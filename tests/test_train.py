@@ -1,5 +1,7 @@
 import dataclasses
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -236,3 +238,42 @@ def test_cli_init_from_folder_is_stored_absolute_and_a_name_as_given(tmp_path, m
     (tmp_path / "runs" / "a").mkdir(parents=True)
     assert run_train.parse_args(["--workdir", "w", "--init_from", "runs/a"]).init_from == str(tmp_path / "runs" / "a")
     assert run_train.parse_args(["--workdir", "w", "--init_from", "300w_paper"]).init_from == "300w_paper"
+
+
+def test_export_calibrates_x_offset_on_the_validation_faces(trained_workdir, tmp_path, capsys):
+    """--calibrate_x_offset stores the mean horizontal residual of the validation split (not a test split), so the
+    exported model's x is unbiased there; the offset moves every decoded x and nothing else."""
+    import run_train
+
+    from lgcn_jax import evaluation, input_pipeline, train
+
+    best = lgcn_jax.load_model(trained_workdir)
+    val = input_pipeline.load_split(best.config.data, "validation")
+    want = evaluation.horizontal_offset(best, val)
+    out = tmp_path / "calibrated"
+    assert run_train.main(["--workdir", trained_workdir, "--export", str(out), "--calibrate_x_offset"]) == 0
+    model = lgcn_jax.load_model(str(out))
+    assert model.config.postprocess.x_offset == pytest.approx(want, abs=1e-4) and model.config.postprocess.x_offset != 0.0
+    assert _trees_equal(model.params.params, best.params.params)
+    pred = evaluation.predict_landmarks(model, val)
+    assert abs(np.mean(val["landmarks"][..., 0] - pred[..., 0])) < 1e-4
+    base = evaluation.predict_landmarks(best, val)
+    np.testing.assert_allclose(pred - base, np.broadcast_to([model.config.postprocess.x_offset, 0.0], base.shape), atol=1e-4)
+    # horizontal_offset measures the decoding without the model's own offset; labels moved right by 0.5 px add 0.5
+    assert evaluation.horizontal_offset(model, val) == pytest.approx(want, abs=1e-6)
+    moved = dict(val, landmarks=val["landmarks"] + np.array([0.5, 0.0], np.float32))
+    assert evaluation.horizontal_offset(best, moved) == pytest.approx(want + 0.5, abs=1e-5)
+    with pytest.raises(SystemExit):
+        run_train.main(["--workdir", trained_workdir, "--calibrate_x_offset"])
+    assert "--calibrate_x_offset goes with --export" in capsys.readouterr().err
+    # a 300-W run without held-out faces would calibrate on the test subset: refused before any data is read
+    no_holdout = tmp_path / "no_holdout"
+    shutil.copytree(trained_workdir, no_holdout)
+    cfg = json.loads((no_holdout / "config.json").read_text())
+    cfg["data"].update(dataset="300w", validation_faces=0)
+    (no_holdout / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="needs faces held out of train"):
+        train.export_workdir(str(no_holdout), str(tmp_path / "never"), calibrate_x_offset=True)
+    assert not (tmp_path / "never").exists()
+    with pytest.raises(ValueError, match="x_offset must be a finite number"):
+        model.with_postprocess(x_offset=float("nan"))
