@@ -47,7 +47,7 @@ def main(argv=None) -> dict:
     hm_dev = jnp.asarray(hm)
     rows = []
     stages = [("arg-max only", PostprocessConfig(use_shape_model=False)), ("global fit", PostprocessConfig(local_windows=(), blend=False)),
-              ("full (global+20+7+blend)", PostprocessConfig())]
+              ("full, 3-point peaks", PostprocessConfig(peak_fit_radius=1)), ("full (global+20+7+blend)", PostprocessConfig())]
     for name, cfg in stages[-1:] if args.only_full else stages:
         t_batch = median_time(lambda h: postprocess(h, sm, cfg), hm_dev, repeats=args.repeats)
         # Batch 1: each of the first faces alone (their cost differs: a fit with an active order

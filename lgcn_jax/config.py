@@ -122,7 +122,8 @@ class DataConfig:
 
 @dataclasses.dataclass(frozen=True)
 class PostprocessConfig:
-    """Heatmaps -> landmarks with the PCA shape model.  Defaults are the authors' [M]."""
+    """Heatmaps -> landmarks with the PCA shape model.  Defaults are the authors' [M], except the sub-pixel
+    peak fits, test-time mirroring and the x offset, which are ours (docs/architecture.md)."""
 
     use_shape_model: bool = True  # False: per-map arg-max with sub-pixel refinement only
     num_components: int = 12  # principal components used in the fit (at most those stored)
@@ -133,6 +134,10 @@ class PostprocessConfig:
     # scaled with the heatmap size) of the previous fit; () switches local fitting off.
     local_windows: tuple[int, ...] = (20, 7)
     blend: bool = True  # final point: mix of the fit and the nearest local maximum, by its value
+    # Sub-pixel refinement of every peak (the arg-max, and the local maximum of the blend): 1 fits a parabola to
+    # the logs of a pixel and its two neighbours along x and y; r > 1 fits a 2D quadratic to the logs of the
+    # (2r+1)^2 window by least squares (r in pixels of a 96-pixel heatmap, scaled with the heatmap size).
+    peak_fit_radius: int = 8
     solver_iterations: int = 30  # interior-point iterations of the constrained least squares
     # Test-time mirroring: the network also runs on the mirrored image, and its heatmaps, mirrored back with
     # the 68-point permutation, are averaged with the image's before decoding.  Twice the network's cost;
@@ -301,6 +306,8 @@ def validate(config: Config) -> None:
         raise ValueError(f"postprocess.x_offset must be a finite number of pixels, got {pp.x_offset}")
     if pp.flip_test and m.num_landmarks != 68:
         raise ValueError(f"postprocess.flip_test needs the 68-point markup (its left/right permutation), not {m.num_landmarks} points")
+    if not isinstance(pp.peak_fit_radius, int) or isinstance(pp.peak_fit_radius, bool) or pp.peak_fit_radius < 1:
+        raise ValueError(f"postprocess.peak_fit_radius must be an integer >= 1 (1: the 3-point fit), got {pp.peak_fit_radius!r}")
     if any(w < 1 for w in pp.local_windows):
         raise ValueError(f"postprocess.local_windows must be positive half-widths, got {pp.local_windows}")
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from lgcn_jax.kernel_conv import Kernel
 
@@ -86,11 +87,46 @@ def first_argmax(maps: jax.Array) -> tuple[jax.Array, jax.Array]:
     return iy.astype(jnp.int32), jnp.argmax(row, axis=-2).astype(jnp.int32)
 
 
-def refine_at(heatmaps: jax.Array, iy: jax.Array, ix: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Sub-pixel peak position around integer pixels by a log-parabola fit along x and y.
+def _quadratic_fit_matrix(radius: int) -> np.ndarray:
+    """f64[6, (2r+1)^2]: least-squares coefficients (1, x, y, x^2, xy, y^2) of a quadratic from the samples of a
+    (2r+1)^2 window in row-major order, at offsets -r..r from its centre."""
+    d = np.arange(-radius, radius + 1, dtype=np.float64)
+    y, x = (a.reshape(-1) for a in np.meshgrid(d, d, indexing="ij"))
+    return np.linalg.pinv(np.stack([np.ones_like(x), x, y, x * x, x * y, y * y], -1))
+
+
+def _window_peak(flat: jax.Array, h: int, w: int, iy: jax.Array, ix: jax.Array, radius: int) -> tuple[jax.Array, jax.Array]:
+    """Sub-pixel peak f32[..., L, 2] and a flag bool[..., L] (False: no concave maximum in the window) from a
+    least-squares quadratic fitted to the log heatmap over a (2r+1)^2 window around (iy, ix) (moved inside the map)."""
+    cy, cx = jnp.clip(iy, radius, h - 1 - radius), jnp.clip(ix, radius, w - 1 - radius)
+    d = jnp.arange(-radius, radius + 1)
+    rows = (cy[..., None, :] + jnp.repeat(d, 2 * radius + 1)[:, None])  # [..., n*n, L], row-major window
+    cols = (cx[..., None, :] + jnp.tile(d, 2 * radius + 1)[:, None])
+    values = jnp.take_along_axis(flat, rows * w + cols, axis=-2)  # [..., n*n, L]
+    top = values.max(axis=-2, keepdims=True)
+    # Relative to the window's maximum (the fit's x and y rows sum to 0, so only rounding changes): small sums.
+    logs = jnp.log(jnp.maximum(values / jnp.where(top > 0, top, 1.0), 1e-6))
+    coef = jnp.einsum("kn,...nl->...kl", jnp.asarray(_quadratic_fit_matrix(radius), flat.dtype), logs,
+                      precision=jax.lax.Precision.HIGHEST)
+    _, b, c, dxx, dxy, dyy = (coef[..., k, :] for k in range(6))
+    det = 4.0 * dxx * dyy - dxy * dxy
+    safe = jnp.where(det > 0, det, 1.0)
+    ox, oy = (dxy * c - 2.0 * dyy * b) / safe, (dxy * b - 2.0 * dxx * c) / safe
+    ok = (dxx < 0) & (dyy < 0) & (det > 0) & (top[..., 0, :] > 0) & (jnp.abs(ox) <= radius) & (jnp.abs(oy) <= radius)
+    return jnp.stack([cx + ox, cy + oy], axis=-1), ok
+
+
+def refine_at(heatmaps: jax.Array, iy: jax.Array, ix: jax.Array, radius: int = 1) -> tuple[jax.Array, jax.Array]:
+    """Sub-pixel peak position around integer pixels.
+
+    ``radius`` 1: a parabola through the logs of each pixel and its two neighbours, along x and y.
+    ``radius`` r > 1: a 2D quadratic fitted by least squares to the logs of the (2r+1)^2 window around
+    the pixel (moved inwards at the border; r is capped so the window fits the map), where a maximum
+    exists inside the window, else the 3-point fit.  Both are exact for a Gaussian peak; the window
+    averages out the pixel-level noise of a network's maps (on 300-W, docs/architecture.md).
 
     Args:
-      heatmaps: f32[..., H, W, L]; iy, ix: i32[..., L] pixel of each map's peak.
+      heatmaps: f32[..., H, W, L]; iy, ix: i32[..., L] pixel of each map's peak; radius: int >= 1.
     Returns:
       landmarks f32[..., L, 2] as (x, y), and the values at (iy, ix) f32[..., L].
     """
@@ -108,15 +144,21 @@ def refine_at(heatmaps: jax.Array, iy: jax.Array, ix: jax.Array) -> tuple[jax.Ar
     down = jnp.where(iy < h - 1, at(iy + 1, ix), up)
     x = ix + _log_parabola_offset(left, peak, right)
     y = iy + _log_parabola_offset(up, peak, down)
-    return jnp.stack([x, y], axis=-1).astype(jnp.float32), peak
+    xy = jnp.stack([x, y], axis=-1).astype(jnp.float32)
+    radius = min(int(radius), (h - 1) // 2, (w - 1) // 2)
+    if radius > 1:
+        fitted, ok = _window_peak(flat, h, w, iy, ix, radius)
+        xy = jnp.where(ok[..., None], fitted.astype(jnp.float32), xy)
+    return xy, peak
 
 
-def argmax_subpixel(heatmaps: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Per-map maximum refined to sub-pixel accuracy by a log-parabola fit along x and y.
+def argmax_subpixel(heatmaps: jax.Array, radius: int = 1) -> tuple[jax.Array, jax.Array]:
+    """Per-map maximum refined to sub-pixel accuracy (``refine_at``: a log-parabola along x and y, or with
+    ``radius`` > 1 a log-quadratic fitted over a (2 radius + 1)^2 window).
 
     Args:
-      heatmaps: f32[B, H, W, L].
+      heatmaps: f32[B, H, W, L]; radius: int >= 1, pixels of these maps.
     Returns:
       landmarks f32[B, L, 2] as (x, y), and peak values f32[B, L].
     """
-    return refine_at(heatmaps, *first_argmax(heatmaps))
+    return refine_at(heatmaps, *first_argmax(heatmaps), radius=radius)

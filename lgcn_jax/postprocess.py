@@ -4,7 +4,9 @@ The algorithm is the authors' MATLAB post-processing (source [M] in
 docs/architecture.md), written from its description in pure jnp so that it
 runs under ``jit`` on the device, vmapped over the batch:
 
-1. per-map arg-max with a log-parabola sub-pixel fit;
+1. per-map arg-max, refined to sub-pixel (ours: a quadratic fitted by least squares to
+   the log heatmap over a window around it, ``postprocess.peak_fit_radius``; 1 gives a
+   3-point log-parabola along x and y);
 2. global fit: the in-plane rotation theta from a Kabsch fit of the mean shape
    to the confident points (heatmap value >= 0.1), then the shape coefficients
    b by heatmap-weighted least squares under the training order constraints::
@@ -27,7 +29,7 @@ constraint; otherwise a primal-dual interior-point method (Mehrotra
 predictor-corrector) solves it, started at the strictly feasible mean shape
 (b = 0) and stopped once the duality measure falls below 1e-7.
 
-Single faces are fast (about 1.8 ms on 2 CPU cores): the window fits and the
+Single faces are fast (about 1.8 ms on 2 CPU cores with 3-point peaks): the window fits and the
 peak search read one small patch per map (``lax.dynamic_slice``), and the two
 fall-backs (interior point; whole-map peak search when the patch cannot prove
 its answer) sit behind ``lax.cond``, which only an unbatched face skips, so
@@ -210,18 +212,19 @@ def _fit(heat, theta, model: ShapeModel, num_components: int, cfg: PostprocessCo
     return base + jnp.einsum("k,kld->ld", coef, jac.reshape(num_components, num_l, 2))
 
 
-def _nearest_peak_in_map(heat: jax.Array, points: jax.Array) -> tuple[jax.Array, jax.Array]:
+def _nearest_peak_in_map(heat: jax.Array, points: jax.Array, fit_radius: int = 1) -> tuple[jax.Array, jax.Array]:
     """``_nearest_peak`` searched over the whole of every map."""
     h, w, _ = heat.shape
     xs, ys = jnp.arange(w, dtype=heat.dtype), jnp.arange(h, dtype=heat.dtype)
     d2 = (xs[None, :, None] - points[:, 0]) ** 2 + (ys[:, None, None] - points[:, 1]) ** 2
     d2 = jnp.where(_local_maxima(heat), d2, jnp.inf)
-    xy, value = refine_at(heat, *first_argmax(-d2))
+    xy, value = refine_at(heat, *first_argmax(-d2), radius=fit_radius)
     return xy, jnp.where(jnp.isfinite(jnp.min(d2, axis=(0, 1))), value, 0.0)
 
 
-def _nearest_peak(heat: jax.Array, points: jax.Array, radius: int) -> tuple[jax.Array, jax.Array]:
-    """Nearest local maximum (3x3) of each map to its point, sub-pixel refined: (f32[L, 2], value f32[L]).
+def _nearest_peak(heat: jax.Array, points: jax.Array, radius: int, fit_radius: int = 1) -> tuple[jax.Array, jax.Array]:
+    """Nearest local maximum (3x3) of each map to its point, sub-pixel refined (``refine_at`` with ``fit_radius``):
+    (f32[L, 2], value f32[L]).
 
     Searched first in a patch around the rounded point that covers every pixel within
     ``radius`` (Chebyshev) of it: any pixel outside lies more than radius + 1/2 from the
@@ -243,7 +246,8 @@ def _nearest_peak(heat: jax.Array, points: jax.Array, radius: int) -> tuple[jax.
     d2 = jnp.where(is_peak & ok_y[:, :, None] & ok_x[:, None, :], d2, jnp.inf).reshape(num_l, ny * nx)
     idx = jnp.argmax(-d2, axis=-1)  # the first nearest in row-major order, as over the whole map
     proven = jnp.all(jnp.min(d2, axis=-1) < (radius + 0.5) ** 2)
-    return lax.cond(proven, lambda: refine_at(heat, y0 + idx // nx, x0 + idx % nx), lambda: _nearest_peak_in_map(heat, points))
+    return lax.cond(proven, lambda: refine_at(heat, y0 + idx // nx, x0 + idx % nx, radius=fit_radius),
+                    lambda: _nearest_peak_in_map(heat, points, fit_radius))
 
 
 def _local_maxima(maps: jax.Array, axes: tuple[int, int] = (0, 1)) -> jax.Array:
@@ -256,8 +260,14 @@ def _local_maxima(maps: jax.Array, axes: tuple[int, int] = (0, 1)) -> jax.Array:
     return (maps >= hi) & (maps > lo)  # a flat neighbourhood is no peak
 
 
+def _scaled(pixels: int, size: int) -> int:
+    """A distance in pixels of a 96-pixel heatmap, in pixels of a ``size``-pixel one (at least 1)."""
+    return max(1, round(pixels * size / 96))
+
+
 def _postprocess_one(heat: jax.Array, model: ShapeModel, cfg: PostprocessConfig) -> tuple[jax.Array, jax.Array]:
-    init, peak = argmax_subpixel(heat[None])
+    fit_radius = _scaled(cfg.peak_fit_radius, heat.shape[0]) if cfg.peak_fit_radius > 1 else 1
+    init, peak = argmax_subpixel(heat[None], fit_radius)
     init, peak = init[0], peak[0]
     if not cfg.use_shape_model:
         return init, peak
@@ -269,11 +279,11 @@ def _postprocess_one(heat: jax.Array, model: ShapeModel, cfg: PostprocessConfig)
         theta = _rotation(heat, fit, model, cfg.confidence_threshold)
         size = heat.shape[0]
         for half in cfg.local_windows:
-            half = max(1, round(half * size / 96))
+            half = _scaled(half, size)
             fit = _fit(heat, theta, model, num_components, cfg, fit, half)
     if not cfg.blend:
         return fit, _values_at(heat, fit)
-    peak_xy, value = _nearest_peak(heat, fit, max(1, round(PEAK_SEARCH_RADIUS * heat.shape[0] / 96)))
+    peak_xy, value = _nearest_peak(heat, fit, _scaled(PEAK_SEARCH_RADIUS, heat.shape[0]), fit_radius)
     v = jnp.clip(value, 0.0, 1.0)[:, None]
     return (1.0 - v) * fit + v * peak_xy, value
 

@@ -93,7 +93,8 @@ def predict(model: Union[Model, network.LGCNParams], images, shape_model: ShapeM
 
     ``model`` is a ``Model`` from ``load_model`` (its shape model and post-processing
     settings are used) or bare ``LGCNParams`` with an optional ``shape_model``.
-    Without a shape model the landmarks are the per-map sub-pixel arg-max.
+    Without a shape model the landmarks are the per-map arg-max, refined to sub-pixel as
+    ``postprocess.peak_fit_radius`` says.
     Network and post-processing compile to one XLA program.
     """
     return predict_with_confidence(model, images, shape_model, config)[0]
@@ -180,9 +181,9 @@ def load_pretrained(name: str = PRETRAINED) -> Model:
     installed wheel, or ``$LGCN_CHECKPOINTS/NAME`` where that is set.
 
     The default, ``300w_paper``, is the paper's network (128 filters, 96x96 crops) trained on
-    1813 real 300-W training faces on one GPU: 3.33% inter-ocular NME on the 300-W common subset
+    1813 real 300-W training faces on one GPU: 3.26% inter-ocular NME on the 300-W common subset
     with the shape model.  ``300w_cpu`` is the small ``cpu`` preset (64x64 crops, 1/46 of the
-    FLOPs, 4.04%) for when speed on a CPU matters more.  ``synthetic_quick`` is the quick preset
+    FLOPs, 3.90%) for when speed on a CPU matters more.  ``synthetic_quick`` is the quick preset
     trained on the synthetic faces of ``data_prep`` (for tests and the offline demo; not for real
     photos).
     checkpoints/README.md gives their training commands and numbers, and the 300-W licence

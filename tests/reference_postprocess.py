@@ -58,8 +58,22 @@ def log_parabola(left, mid, right):
     return float(np.clip(0.5 * (l - r) / curv, -0.5, 0.5)) if curv < 0 else 0.0
 
 
-def refine(hm, iy, ix):
+def refine(hm, iy, ix, radius=1):
     h, w = hm.shape
+    radius = min(radius, (h - 1) // 2, (w - 1) // 2)
+    cy, cx = min(max(iy, radius), h - 1 - radius), min(max(ix, radius), w - 1 - radius)
+    win = hm[cy - radius:cy + radius + 1, cx - radius:cx + radius + 1]
+    if radius > 1 and win.max() > 0:
+        # log(value) = a + b x + c y + d x^2 + e xy + f y^2 over the window, moved inside the map.
+        ys, xs = np.mgrid[-radius:radius + 1, -radius:radius + 1]
+        logs = np.log(np.maximum(win, win.max() * 1e-6)).ravel()
+        design = np.stack([np.ones(xs.size), xs.ravel(), ys.ravel(), xs.ravel() ** 2, (xs * ys).ravel(), ys.ravel() ** 2], 1)
+        _, b, c, d, e, f = np.linalg.lstsq(design, logs, rcond=None)[0]
+        # The stationary point: [2d e; e 2f] [x y]' = -[b c]'.
+        if d < 0 and f < 0 and 4 * d * f - e * e > 0:
+            x, y = np.linalg.solve([[2 * d, e], [e, 2 * f]], [-b, -c])
+            if abs(x) <= radius and abs(y) <= radius:
+                return np.array([cx + x, cy + y])
     left = hm[iy, ix - 1] if ix > 0 else hm[iy, ix + 1]
     right = hm[iy, ix + 1] if ix < w - 1 else left
     up = hm[iy - 1, ix] if iy > 0 else hm[iy + 1, ix]
@@ -116,15 +130,17 @@ def fit(heat, theta, model, num_components, floor, constraints, window_centres=N
     return base + np.einsum("k,kld->ld", res.x, jac)
 
 
-def postprocess(heatmaps, model, num_components=12, threshold=0.1, floor=0.01, windows=(20, 7), blend=True, constraints=True):
-    """Landmarks f64[B, L, 2] from heatmaps f[B, H, W, L]."""
+def postprocess(heatmaps, model, num_components=12, threshold=0.1, floor=0.01, windows=(20, 7), blend=True, constraints=True,
+                peak_fit_radius=8):
+    """Landmarks f64[B, L, 2] from heatmaps f[B, H, W, L] (defaults: PostprocessConfig's)."""
     out = []
     for heat in np.asarray(heatmaps, np.float64):
         h, w, num_l = heat.shape
+        fit_radius = max(1, round(peak_fit_radius * h / 96)) if peak_fit_radius > 1 else 1
         init = []
         for l in range(num_l):
             iy, ix = np.unravel_index(np.argmax(heat[:, :, l]), (h, w))
-            init.append(refine(heat[:, :, l], iy, ix))
+            init.append(refine(heat[:, :, l], iy, ix, fit_radius))
         init = np.array(init)
         theta = rotation_for(heat, init, model, threshold)
         pts = fit(heat, theta, model, num_components, floor, constraints)
@@ -144,7 +160,7 @@ def postprocess(heatmaps, model, num_components=12, threshold=0.1, floor=0.01, w
                     continue
                 k = np.argmin((px - pts[l, 0]) ** 2 + (py - pts[l, 1]) ** 2)
                 v = float(np.clip(hm[py[k], px[k]], 0, 1))
-                final.append((1 - v) * pts[l] + v * refine(hm, py[k], px[k]))
+                final.append((1 - v) * pts[l] + v * refine(hm, py[k], px[k], fit_radius))
             pts = np.array(final)
         out.append(pts)
     return np.stack(out)

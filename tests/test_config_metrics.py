@@ -20,6 +20,8 @@ def test_presets_and_overrides():
         ("model.num_filters", "section.field=value"),
         ("train.optimizer=lbfgs", "momentum"),
         ("model.kernel_size=44", "odd"),
+        ("postprocess.peak_fit_radius=0", "peak_fit_radius must be an integer >= 1"),
+        ("postprocess.peak_fit_radius=2.5", "cannot read '2.5' as int"),
     ],
 )
 def test_bad_overrides(override, msg):

@@ -3,7 +3,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lgcn_jax.heatmaps import argmax_subpixel, render_targets, splat
+from lgcn_jax.heatmaps import argmax_subpixel, refine_at, render_targets, splat
 from lgcn_jax.kernel_conv import Kernel, gaussian_mixture_kernel, kernel_conv
 from lgcn_jax.loss import heatmap_loss
 
@@ -24,14 +24,51 @@ def test_splat_is_bilinear():
     assert m[7, 3] == pytest.approx(0.75 * 0.5) and m[8, 4] == pytest.approx(0.25 * 0.5)
 
 
-def test_subpixel_recovery_from_rendered_targets():
+@pytest.mark.parametrize("radius", [1, 8])
+def test_subpixel_recovery_from_rendered_targets(radius):
     rng = np.random.default_rng(0)
     lm = rng.uniform(20, 76, (3, 68, 2)).astype(np.float32)
     t, _ = render_targets(jnp.asarray(lm), 96, 96, K)
-    est, peak = argmax_subpixel(t)
+    est, peak = argmax_subpixel(t, radius)
     err = np.abs(np.asarray(est) - lm)
-    assert err.max() < 0.1, err.max()
+    assert err.max() < (0.1 if radius == 1 else 0.06), err.max()
     assert np.all(np.asarray(peak) > 0.5)
+
+
+def test_window_fit_averages_pixel_noise():
+    """On targets with pixel noise the (2r+1)^2 log-quadratic fit is far closer than the 3-point one."""
+    rng = np.random.default_rng(1)
+    lm = rng.uniform(20, 76, (4, 68, 2)).astype(np.float32)
+    t, _ = render_targets(jnp.asarray(lm), 96, 96, K)
+    noisy = t + 0.01 * jnp.asarray(rng.normal(size=t.shape), jnp.float32)
+    err = {r: np.linalg.norm(np.asarray(argmax_subpixel(noisy, r)[0]) - lm, axis=-1).mean() for r in (1, 8)}
+    assert err[8] < 0.5 * err[1], err
+
+
+def test_refine_at_matches_reference():
+    """jnp window fits (f32) == a per-map NumPy least-squares solve (f64), at borders, off-peak pixels, on flat,
+    negative and empty maps, and for windows larger than the map (capped)."""
+    from tests import reference_postprocess as ref
+
+    rng = np.random.default_rng(2)
+    h, w, n = 40, 36, 24
+    ys, xs = np.mgrid[0:h, 0:w]
+    centres = rng.uniform(-3, [w + 2, h + 2], (n, 2))
+    maps = np.exp(-((xs[..., None] - centres[:, 0]) ** 2 + (ys[..., None] - centres[:, 1]) ** 2) / (2 * rng.uniform(1.5, 6, n) ** 2))
+    maps = maps + 0.02 * rng.normal(size=maps.shape)
+    maps[..., 0] = 0.0  # empty
+    maps[..., 1] -= 0.5  # mostly negative
+    maps[..., 2] = np.round(maps[..., 2] * 4) / 4  # flat plateaus
+    maps = maps.astype(np.float32)
+    iy, ix = np.asarray(rng.integers(0, h, n), np.int32), np.asarray(rng.integers(0, w, n), np.int32)
+    top = maps.reshape(-1, n).argmax(0)
+    iy[3:12], ix[3:12] = top[3:12] // w, top[3:12] % w  # at the maxima; the rest anywhere
+    iy[4], ix[5] = 0, w - 1
+    for radius in (1, 2, 5, 40):
+        got, value = refine_at(jnp.asarray(maps), jnp.asarray(iy), jnp.asarray(ix), radius)
+        want = np.array([ref.refine(maps[..., l].astype(np.float64), iy[l], ix[l], radius) for l in range(n)])
+        np.testing.assert_allclose(np.asarray(got), want, atol=2e-3, err_msg=f"radius {radius}")
+        np.testing.assert_array_equal(np.asarray(value), maps[iy, ix, np.arange(n)])
 
 
 def test_loss_zero_at_target_and_weights():

@@ -123,6 +123,8 @@ STAGES = [
     ("global+local", dict(blend=False), PostprocessConfig(blend=False)),
     ("full", {}, PostprocessConfig()),
     ("unconstrained", dict(constraints=False), PostprocessConfig(constraints=False)),
+    ("3-point peaks", dict(peak_fit_radius=1), PostprocessConfig(peak_fit_radius=1)),
+    ("wide peak fits", dict(peak_fit_radius=30), PostprocessConfig(peak_fit_radius=30)),
 ]
 
 
@@ -187,8 +189,9 @@ def test_predict_is_apply_then_postprocess(models):
     got = np.asarray(lgcn_jax.predict(params, images, sm))
     want = np.asarray(lgcn_jax.postprocess(lgcn_jax.apply(params, images), sm))
     np.testing.assert_allclose(got, want, atol=1e-3)
-    plain = np.asarray(lgcn_jax.predict(params, images))  # no shape model: arg-max decoding
-    np.testing.assert_allclose(plain, np.asarray(lgcn_jax.argmax_subpixel(lgcn_jax.apply(params, images))[0]), atol=1e-5)
+    plain = np.asarray(lgcn_jax.predict(params, images))  # no shape model: arg-max decoding, window fits of 8 x 64/96 px
+    radius = round(PostprocessConfig().peak_fit_radius * SIZE / 96)
+    np.testing.assert_allclose(plain, np.asarray(lgcn_jax.argmax_subpixel(lgcn_jax.apply(params, images), radius)[0]), atol=1e-5)
 
 
 def test_bad_heatmaps_and_missing_model(models):
@@ -262,7 +265,7 @@ def test_landmarks_equal_those_before_the_speed_up():
     from lgcn_jax.input_pipeline import _resize
 
     before = np.load(os.path.join(os.path.dirname(__file__), "data", "postprocess_before_speedup.npz"))
-    model = lgcn_jax.load_pretrained("synthetic_quick")
+    model = lgcn_jax.load_pretrained("synthetic_quick").with_postprocess(peak_fit_radius=1)  # the file's 3-point peaks
     images = _resize(np.stack([make_face(20_000_000 + i, 96)[0] for i in range(64)])[..., None], model.config.data.image_size)
     lm, conf = lgcn_jax.predict_with_confidence(model, images)
     assert np.abs(np.asarray(lm) - before["landmarks"]).max() <= 0.05
@@ -270,7 +273,7 @@ def test_landmarks_equal_those_before_the_speed_up():
     for i in range(0, 64, 8):
         one, _ = lgcn_jax.predict_with_confidence(model, images[i:i + 1])
         assert np.abs(np.asarray(one)[0] - before["landmarks"][i]).max() <= 0.05
-    am = lgcn_jax.predict(model, images, config=PostprocessConfig(use_shape_model=False))
+    am = lgcn_jax.predict(model, images, config=PostprocessConfig(use_shape_model=False, peak_fit_radius=1))
     # Equal up to float rounding: with jax 0.12 (Python >= 3.12) half of them differ by up to 8e-5 px from
     # the file written with jax 0.10 (another XLA version).
     np.testing.assert_allclose(np.asarray(am), before["argmax"], rtol=0, atol=1e-3)
@@ -296,11 +299,13 @@ def test_windowed_nearest_peak_equals_the_whole_map_search():
         points = rng.uniform(-6, h + 5, (68, 2)).astype(np.float32)  # some off the map: the window proves nothing there
         points[:8] = rng.uniform(-0.5, 1.5, (8, 2)) * [1, h - 1]  # on the borders
         points[8] = [np.nan, 3.0]
+        for fit_radius in (1, 5):
+            want = jax.jit(_nearest_peak_in_map, static_argnums=2)(hm, points, fit_radius)
+            for radius in (1, 3, 8, 30):
+                got = jax.jit(_nearest_peak, static_argnums=(2, 3))(hm, points, radius, fit_radius)
+                for g, w in zip(got, want):
+                    np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
         want = jax.jit(_nearest_peak_in_map)(hm, points)
-        for radius in (1, 3, 8, 30):
-            got = jax.jit(_nearest_peak, static_argnums=2)(hm, points, radius)
-            for g, w in zip(got, want):
-                np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
         batched = jax.vmap(lambda a, b: _nearest_peak(a, b, 3))(hm[None], points[None])
         np.testing.assert_array_equal(np.asarray(batched[0][0]), np.asarray(want[0]))
 
