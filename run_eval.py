@@ -28,7 +28,8 @@ def main(argv=None) -> int:
     p.add_argument("--flip_test", action="store_true",
                    help="also run the network on the mirrored faces and average the heatmaps (postprocess.flip_test; twice the time)")
     p.add_argument("--config", nargs="*", default=[], metavar="KEY=VALUE",
-                   help="post-processing and data overrides, e.g. postprocess.local_windows=() data.data_dir=/data/tfds")
+                   help="post-processing, data and execution overrides, e.g. postprocess.local_windows=() data.data_dir=/data/tfds "
+                        "model.compute_dtype=bfloat16")
     p.add_argument("--data_dir", help="shortcut for data.data_dir")
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--out", help="folder for eval_SPLIT.json and ced_SPLIT.png (_argmax appended with --no_shape_model, _flip with flip_test; "
@@ -49,16 +50,20 @@ def main(argv=None) -> int:
     from lgcn_jax.input_pipeline import DatasetError
 
     try:
+        from lgcn_jax.config import EXECUTION_FIELDS
         from lgcn_jax.predict import checkpoint_path
 
         path = args.workdir or checkpoint_path(args.checkpoint)  # no flag: the released default weights
         model = lgcn_jax.load_model(path, which=args.which, require_shape_model=not args.no_shape_model)
         overrides = (list(args.config) + ([f"data.data_dir={args.data_dir}"] if args.data_dir else [])
                      + (["postprocess.flip_test=true"] if args.flip_test else []))
-        bad = [o for o in overrides if not o.startswith(("postprocess.", "data."))]
+        execution = tuple(f"model.{name}=" for name in sorted(EXECUTION_FIELDS))
+        bad = [o for o in overrides if not o.startswith(("postprocess.", "data.", *execution))]
         if bad:
-            raise ValueError(f"only postprocess.* and data.* can be overridden at evaluation, not {bad}")
+            raise ValueError(f"only postprocess.*, data.* and how the network runs ({', '.join(e[:-1] for e in execution)}) "
+                             f"can be overridden at evaluation, not {bad}")
         config = lgcn_jax.apply_overrides(model.config, overrides)
+        model = model.with_execution(**{name: getattr(config.model, name) for name in EXECUTION_FIELDS})
         if args.no_shape_model:
             config = dataclasses.replace(config, postprocess=dataclasses.replace(config.postprocess, use_shape_model=False))
         model = model._replace(config=config, shape_model=None if args.no_shape_model else model.shape_model)
@@ -90,7 +95,7 @@ def main(argv=None) -> int:
             print(f"run_eval.py: error: {e}", file=sys.stderr)
             return 2
         rep = {"split": split, "dataset": config.data.dataset, "checkpoint": os.path.abspath(path), "decoder": decoder,
-               "postprocess": dataclasses.asdict(config.postprocess), "num_faces": int(len(pred))}
+               "compute_dtype": config.model.compute_dtype, "postprocess": dataclasses.asdict(config.postprocess), "num_faces": int(len(pred))}
         rep.update(evaluation.evaluate_landmarks(pred, d["landmarks"]))
         if "file_name" in d:
             rep["file_names"] = [str(f) for f in d["file_name"]]  # aligned with the per_image lists

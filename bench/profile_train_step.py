@@ -4,8 +4,9 @@
 
 Times, after warm-up and as medians, on this machine's first device:
   * the whole step: ``apply`` (inference), the training-mode forward, loss + gradients, the full
-    ``train_step``, ``train_step`` with the on-device augmentation of the TF-free pipeline, and
-    ``train_step`` with the global subnet as dilated convolutions instead of on sub-grids;
+    ``train_step``, ``train_step`` with the on-device augmentation of the TF-free pipeline,
+    ``train_step`` with the global subnet as dilated convolutions instead of on sub-grids, and
+    ``apply`` and ``train_step`` with bf16 convolution blocks (``model.compute_dtype``);
   * every kind of layer of the network on its own, forward, input gradient (dx) and weight
     gradient (dw), times the number of such layers: the 5x5 and 3x3 local convolutions, the
     dilated global ones (also as plain convolutions on sub-grids), the blur (``kernel_conv``; also
@@ -35,7 +36,8 @@ from lgcn_jax import network, train
 from lgcn_jax.config import DataConfig
 
 
-PARTS = ("apply", "forward_train_mode", "loss_and_grads", "train_step", "train_step_device_augment", "train_step_dilated_convs")
+PARTS = ("apply", "forward_train_mode", "loss_and_grads", "train_step", "train_step_device_augment", "train_step_dilated_convs",
+         "apply_bf16", "train_step_bf16")
 
 
 def _conv(dilation):
@@ -148,7 +150,6 @@ def main(argv=None) -> dict:
            "example": jnp.arange(b, dtype=jnp.int32)}
     batch = {"image": images, "landmarks": landmarks}
     state = train.create_train_state(cfg)
-    net = state.net
     loss_scale = cfg.train.loss_scale
     grad_fn = jax.jit(jax.value_and_grad(train.loss, has_aux=True), static_argnums=4)
     fwd_train = jax.jit(lambda n, x: network.apply_train(n, x, jax.random.key(0))[1])
@@ -161,21 +162,27 @@ def main(argv=None) -> dict:
         state, m = train.train_step(state, batch, loss_scale, augment)
         return m
 
-    def dilated_step():  # the global subnet as dilated convolutions (model.dilation_as_phases=false)
+    def step_with(**execution):  # the step run another way (config.EXECUTION_FIELDS), same weights
         nonlocal state
         m = cfg.model
-        state = state.replace(net=state.net.replace(config=dataclasses.replace(m, dilation_as_phases=False)))
+        state = state.replace(net=state.net.replace(config=dataclasses.replace(m, **execution)))
         try:
             return median_time(lambda: steps(batch, None), repeats=args.repeats)
         finally:
             state = state.replace(net=state.net.replace(config=m))
 
-    timers = {"apply": lambda: median_time(lgcn_jax.apply, net, images, repeats=args.repeats),
-              "forward_train_mode": lambda: median_time(fwd_train, net, images, repeats=args.repeats),
-              "loss_and_grads": lambda: median_time(grad_fn, net.params, net, batch, jax.random.key(0), loss_scale, repeats=args.repeats),
+    # Every timer reads state.net when it runs: train_step donates the arrays of the state it is given.
+    timers = {"apply": lambda: median_time(lgcn_jax.apply, state.net, images, repeats=args.repeats),
+              "forward_train_mode": lambda: median_time(fwd_train, state.net, images, repeats=args.repeats),
+              "loss_and_grads": lambda: median_time(grad_fn, state.net.params, state.net, batch, jax.random.key(0), loss_scale, repeats=args.repeats),
               "train_step": lambda: median_time(lambda: steps(batch, None), repeats=args.repeats),
               "train_step_device_augment": lambda: median_time(lambda: steps(raw, DataConfig(image_size=s)), repeats=args.repeats),
-              "train_step_dilated_convs": dilated_step}
+              # the global subnet as dilated convolutions (model.dilation_as_phases=false)
+              "train_step_dilated_convs": lambda: step_with(dilation_as_phases=False),
+              # bf16 convolution blocks (model.compute_dtype)
+              "apply_bf16": lambda: median_time(lgcn_jax.apply, state.net.replace(config=dataclasses.replace(m, compute_dtype="bfloat16")),
+                                                images, repeats=args.repeats),
+              "train_step_bf16": lambda: step_with(compute_dtype="bfloat16")}
     m = cfg.model
     if not (m.dilation_as_phases and m.global_dilation > 1 and s % m.global_dilation == 0):
         parts.discard("train_step_dilated_convs")  # the network runs dilated convolutions anyway
@@ -184,8 +191,9 @@ def main(argv=None) -> dict:
               "seconds": r, "images_per_s": {k: b / v for k, v in r.items()},
               "over_apply": {k: v / r["apply"] for k, v in r.items()} if "apply" in r else {},
               "xla_cost": {} if args.no_cost else {
-                  "apply": cost(lgcn_jax.apply, net, images),
-                  "loss_and_grads": cost(lambda p: jax.value_and_grad(train.loss, has_aux=True)(p, net, batch, jax.random.key(0), loss_scale), net.params)}}
+                  "apply": cost(lgcn_jax.apply, state.net, images),
+                  "loss_and_grads": cost(lambda p: jax.value_and_grad(train.loss, has_aux=True)(p, state.net, batch, jax.random.key(0), loss_scale),
+                                         state.net.params)}}
     print(f"{result['machine']['device']}  {args.preset}  batch {b}  {s} px")
     for k, v in r.items():
         print(f"  {k:<28}{1e3 * v:10.2f} ms {b / v:10.1f} img/s" + (f"{v / r['apply']:7.2f}x apply" if "apply" in r else ""))

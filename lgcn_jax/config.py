@@ -55,11 +55,16 @@ class ModelConfig:
     # when the map side divides by the dilation), False uses dilated convolutions.  Same function and
     # weights either way; see network.to_phases for why.
     dilation_as_phases: bool = True
+    # Arithmetic of the convolution blocks: "float32", or "bfloat16" for the convolutions,
+    # BatchNorm's normalisation, ReLU and dropout (half the memory traffic; bf16 tensor cores on
+    # GPUs).  Parameters, BatchNorm statistics and their reductions, the 1x1 heads, the blur, the
+    # outputs and the loss stay f32, so weights and checkpoints are the same either way.
+    compute_dtype: str = "float32"
 
 
 # ModelConfig fields that choose how the network runs, not its function or weights: a checkpoint
 # made with one value restores, resumes and evaluates with any other.
-EXECUTION_FIELDS = frozenset({"dilation_as_phases"})
+EXECUTION_FIELDS = frozenset({"dilation_as_phases", "compute_dtype"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -284,6 +289,8 @@ def validate(config: Config) -> None:
     for name in ("num_filters", "num_landmarks"):
         if getattr(m, name) < 1:
             raise ValueError(f"model.{name} must be positive")
+    if m.compute_dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"model.compute_dtype must be 'float32' or 'bfloat16', got {m.compute_dtype!r}")
     if d.pipeline not in ("auto", "tf", "jax"):
         raise ValueError(f"data.pipeline must be 'auto', 'tf' or 'jax', got {d.pipeline!r}")
     if d.validation_faces < 0:

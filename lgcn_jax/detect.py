@@ -165,8 +165,8 @@ def detect(image, params=None, *, detector: str | FaceDetector | None = None, re
       refine: passes re-cut from the previous landmarks (0: trust the detector's box).
       first_pass: the model of every pass but the last, whose landmarks only frame the next crop: a
         ``Model``, the name of released weights or a checkpoint folder; None: ``params`` itself.  With the
-        default weights, ``first_pass="300w_cpu"`` took 507 instead of 1005 ms for a 640x480 photo of one
-        face on a 2-core CPU, and gave an NME of 3.39% instead of 3.37% on the 554 common-subset photos of
+        default weights, ``first_pass="300w_cpu"`` took 696 instead of 1213 ms for a 640x480 photo of one
+        face on a 2-core CPU, and gave an NME of 3.31% instead of 3.30% on the 554 common-subset photos of
         300-W (README, "End to end on real photos").
     Returns:
       one ``Face`` per face found, left to right; [] when there is none.

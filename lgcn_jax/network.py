@@ -40,11 +40,13 @@ class LGCN(nn.Module):
     def __call__(self, images: jax.Array, train: bool) -> tuple[jax.Array, jax.Array]:
         m = self.config
         conv_init = nn.initializers.variance_scaling(2.0 * m.init_scale**2, "fan_in", "normal")
+        # model.compute_dtype: the blocks' arithmetic; BatchNorm reduces in f32 whatever it is.
+        dtype = jnp.dtype(m.compute_dtype)
 
         def block(x, size, dilation, name):
-            x = nn.Conv(m.num_filters, (size, size), kernel_dilation=dilation, padding="SAME", kernel_init=conv_init, name=f"{name}_conv")(x)
-            x = nn.BatchNorm(use_running_average=not train, momentum=m.bn_momentum, epsilon=m.bn_epsilon, name=f"{name}_bn")(x)
-            x = nn.relu(x) * m.activation_scale
+            x = nn.Conv(m.num_filters, (size, size), kernel_dilation=dilation, padding="SAME", kernel_init=conv_init, dtype=dtype, name=f"{name}_conv")(x)
+            x = nn.BatchNorm(use_running_average=not train, momentum=m.bn_momentum, epsilon=m.bn_epsilon, dtype=dtype, name=f"{name}_bn")(x)
+            x = nn.relu(x) * jnp.asarray(m.activation_scale, x.dtype)
             return nn.Dropout(m.dropout_rate, deterministic=not train)(x)
 
         # The authors feed 0..255 pixels and map them to (p/128 - 1) * 0.1.
@@ -54,8 +56,10 @@ class LGCN(nn.Module):
         for i in range(m.local_3x3_layers):
             x = block(x, 3, 1, f"local3_{i}")
         n = m.num_landmarks
-        main = nn.Conv(n, (1, 1), kernel_init=conv_init, name="head_main")(x)
-        side = nn.Conv(n, (1, 1), kernel_init=conv_init, name="head_side_conv")(x)
+        # The heads, the blur and everything after them stay f32 (dtype=f32 promotes a bf16 input):
+        # the maps' sub-pixel peaks are read from small differences of their logs.
+        main = nn.Conv(n, (1, 1), kernel_init=conv_init, dtype=jnp.float32, name="head_main")(x)
+        side = nn.Conv(n, (1, 1), kernel_init=conv_init, dtype=jnp.float32, name="head_side_conv")(x)
         side = nn.BatchNorm(use_running_average=not train, momentum=m.bn_momentum, epsilon=m.bn_epsilon, name="head_side_bn")(side)
         side = nn.relu(side) * m.activation_scale
         # One blur call for both heads: 2n channels in a single pair of matmuls, at the convolutions'
@@ -69,7 +73,7 @@ class LGCN(nn.Module):
         y = to_phases(blurred, d) if phases else blurred
         for i in range(m.global_layers):
             y = block(y, 3, 1 if phases else d, f"global_{i}")
-        g = nn.Conv(n, (1, 1), kernel_init=conv_init, name="head_global")(y)
+        g = nn.Conv(n, (1, 1), kernel_init=conv_init, dtype=jnp.float32, name="head_global")(y)
         o2 = (from_phases(g, d) if phases else g) + o1
         return o1, o2
 

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from lgcn_jax import network, sharding
-from lgcn_jax.config import Config, PostprocessConfig, validate
+from lgcn_jax.config import EXECUTION_FIELDS, Config, PostprocessConfig, validate
 from lgcn_jax.landmarks68 import NUM_POINTS, mirror_heatmaps
 from lgcn_jax.postprocess import check_heatmaps, postprocess_batch
 from lgcn_jax.shape_model import ShapeModel, ShapeModelError, empty_shape_model, load_shape_model, save_shape_model
@@ -36,6 +36,16 @@ class Model(NamedTuple):
         config = dataclasses.replace(self.config, postprocess=dataclasses.replace(self.config.postprocess, **settings))
         validate(config)
         return self._replace(config=config)
+
+    def with_execution(self, **settings) -> "Model":
+        """This model run another way, same weights: fields of ``config.EXECUTION_FIELDS``, e.g.
+        ``load_pretrained().with_execution(compute_dtype="bfloat16")`` (bf16 convolution blocks)."""
+        unknown = sorted(set(settings) - EXECUTION_FIELDS)
+        if unknown:
+            raise ValueError(f"unknown execution settings {unknown}; they are: {', '.join(sorted(EXECUTION_FIELDS))}")
+        config = dataclasses.replace(self.config, model=dataclasses.replace(self.config.model, **settings))
+        validate(config)
+        return self._replace(config=config, params=self.params.replace(config=config.model))
 
 
 def heatmaps(params: network.LGCNParams, images: jax.Array, flip_test: bool = False) -> jax.Array:

@@ -8,6 +8,7 @@ import pytest
 import lgcn_jax
 from lgcn_jax import network
 from lgcn_jax.config import ModelConfig, get_config
+from lgcn_jax.loss import heatmap_loss
 from tests.conftest import tiny_config
 
 
@@ -152,3 +153,68 @@ def test_network_blur_runs_at_default_matmul_precision(params):
     text = jax.jit(lgcn_jax.apply).lower(params, jnp.zeros((1, 32, 32, 1))).as_text()
     dots = [line for line in text.splitlines() if "dot_general" in line]
     assert len(dots) == 2 and not any("HIGHEST" in line for line in dots), dots
+
+
+def _conv_input_dtypes(fn, *args) -> list[str]:
+    """The dtype of the input of every convolution ``fn`` traces, in order."""
+    found = []
+
+    def walk(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "conv_general_dilated":
+                found.append(str(eqn.invars[0].aval.dtype))
+            for value in eqn.params.values():  # pjit, custom_jvp, ...: their inner jaxprs
+                for v in value if isinstance(value, (tuple, list)) else (value,):
+                    inner = getattr(v, "jaxpr", v)
+                    if hasattr(inner, "eqns"):
+                        walk(inner)
+
+    walk(jax.make_jaxpr(fn)(*args).jaxpr)
+    return found
+
+
+def test_bf16_compute_runs_the_blocks_in_bf16_and_stays_close_to_f32():
+    """model.compute_dtype="bfloat16": every conv-BN-ReLU block computes in bf16, the three 1x1 heads
+    (and the blur, the outputs) in f32; same weights, outputs and gradients within bf16 rounding."""
+    m = dataclasses.replace(tiny_config().model, global_layers=2)
+    f32 = lgcn_jax.init(jax.random.key(0), m)
+    bf16 = f32.replace(config=dataclasses.replace(m, compute_dtype="bfloat16"))
+    x = jax.random.uniform(jax.random.key(1), (2, 32, 32, 1))
+    blocks = m.local_5x5_layers + m.local_3x3_layers + m.global_layers
+    assert _conv_input_dtypes(lambda p, x: lgcn_jax.apply_train(p, x, jax.random.key(0)), bf16, x) == \
+        ["bfloat16"] * (m.local_5x5_layers + m.local_3x3_layers) + ["float32"] * 2 + ["bfloat16"] * m.global_layers + ["float32"]
+    assert _conv_input_dtypes(lgcn_jax.apply, f32, x) == ["float32"] * (blocks + 3)
+
+    ref, low = lgcn_jax.apply(f32, x), lgcn_jax.apply(bf16, x)
+    assert low.dtype == jnp.float32 and not np.array_equal(low, ref)
+    err = float(jnp.abs(low - ref).max() / jnp.abs(ref).max())
+    assert err < 3e-2, err  # bf16 keeps 8 bits of mantissa: ~0.4% per rounding
+
+    train = jax.jit(lgcn_jax.apply_train)
+    o1, o2, stats = train(bf16, x, jax.random.key(2))
+    _, r2, ref_stats = train(f32, x, jax.random.key(2))
+    assert o1.dtype == o2.dtype == jnp.float32
+    assert all(s.dtype == jnp.float32 for s in jax.tree_util.tree_leaves(stats))
+    np.testing.assert_allclose(stats["local3_0_bn"]["var"], ref_stats["local3_0_bn"]["var"], rtol=5e-2, atol=1e-6)
+    assert float(jnp.abs(o2 - r2).max() / jnp.abs(r2).max()) < 3e-2
+
+    # The training loss's gradients.  (A random cotangent would not do: its gradients are sums of terms of
+    # random sign, mostly cancelling, so bf16 rounding is a large part of what is left.)
+    landmarks = jax.random.uniform(jax.random.key(3), (2, m.num_landmarks, 2), minval=6.0, maxval=26.0)
+
+    def loss(params, net):
+        o1, o2, _ = lgcn_jax.apply_train(net.replace(params=params), x, jax.random.key(2))
+        return heatmap_loss(o1, o2, landmarks, network.model_kernel(net.config)).mean()
+
+    grad = jax.jit(jax.grad(loss))
+    g_low, g_ref = grad(bf16.params, bf16), grad(f32.params, f32)
+    for name in ("local5_0_conv", "local3_0_conv", "global_0_conv", "global_1_conv", "head_main", "head_global"):
+        a, b = np.ravel(g_low[name]["kernel"]), np.ravel(g_ref[name]["kernel"])
+        assert g_low[name]["kernel"].dtype == jnp.float32
+        cosine = float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+        assert 0.98 < cosine < 1.0 - 1e-7, (name, cosine)  # close, and not the f32 computation
+
+
+def test_compute_dtype_is_checked():
+    with pytest.raises(ValueError, match="model.compute_dtype must be 'float32' or 'bfloat16', got 'float16'"):
+        lgcn_jax.apply_overrides(get_config("quick"), ["model.compute_dtype=float16"])

@@ -254,6 +254,24 @@ def test_run_eval_takes_released_weights_by_name(synthetic_data_dir, tmp_path, c
     assert r.returncode == 1 and "no released checkpoint of that name" in r.stderr and "'synthetic_quick'" in r.stderr
 
 
+def test_run_eval_in_bf16(synthetic_data_dir, tmp_path, capsys):
+    """--config model.compute_dtype=bfloat16 runs the same weights with bf16 convolution blocks (recorded in the
+    report); the network's other fields cannot be overridden at evaluation."""
+    import json
+
+    reps = {}
+    for dtype in ("float32", "bfloat16"):
+        r = _eval(["--checkpoint", "synthetic_quick", "--data_dir", synthetic_data_dir, "--split", "test", "--out", str(tmp_path / dtype),
+                   "--config", f"model.compute_dtype={dtype}"], capsys)
+        assert r.returncode == 0, r.stderr
+        reps[dtype] = json.loads((tmp_path / dtype / "eval_test.json").read_text())
+        assert reps[dtype]["compute_dtype"] == dtype
+    a, b = (np.array(reps[d]["inter_ocular"]["per_image"]) for d in ("float32", "bfloat16"))
+    assert not np.array_equal(a, b) and abs(a.mean() - b.mean()) < 0.05 * a.mean(), (a.mean(), b.mean())
+    r = _eval(["--checkpoint", "synthetic_quick", "--split", "test", "--out", str(tmp_path), "--config", "model.num_filters=64"], capsys)
+    assert r.returncode == 2 and "model.compute_dtype" in r.stderr and "not ['model.num_filters=64']" in r.stderr
+
+
 # ---- the fast paths of a single face: same landmarks as the plain algorithm --------------------------------------------
 
 def test_landmarks_equal_those_before_the_speed_up():
@@ -440,3 +458,22 @@ def test_run_eval_flip_test_writes_its_own_report(synthetic_data_dir, tmp_path, 
     assert plain["postprocess"]["flip_test"] is False and flip["postprocess"]["flip_test"] is True
     assert flip["decoder"] == "shape_model + flip_test" and (tmp_path / "ced_test_flip.png").exists()
     assert flip["inter_ocular"]["per_image"] != plain["inter_ocular"]["per_image"]
+
+
+def test_model_with_execution():
+    """Model.with_execution runs the same weights another way: bf16 blocks move the synthetic faces' landmarks by a
+    fraction of a pixel; the phases layout changes nothing beyond rounding; other fields are refused."""
+    model = lgcn_jax.load_pretrained("synthetic_quick")
+    images = np.stack([make_face(s, SIZE)[0] for s in (7100, 7101, 7102)])[..., None]
+    ref = np.asarray(lgcn_jax.predict(model, images))
+    low = model.with_execution(compute_dtype="bfloat16")
+    assert low.params.config.compute_dtype == low.config.model.compute_dtype == "bfloat16"
+    assert low.params.params is model.params.params and model.config.model.compute_dtype == "float32"
+    moved = np.abs(np.asarray(lgcn_jax.predict(low, images)) - ref)
+    assert 0 < moved.mean() < 0.3, moved.mean()
+    dilated = model.with_execution(dilation_as_phases=False)
+    np.testing.assert_allclose(np.asarray(lgcn_jax.predict(dilated, images)), ref, atol=1e-3)
+    with pytest.raises(ValueError, match=r"unknown execution settings \['num_filters'\]; they are: compute_dtype, dilation_as_phases"):
+        model.with_execution(num_filters=64)
+    with pytest.raises(ValueError, match="model.compute_dtype must be 'float32' or 'bfloat16'"):
+        model.with_execution(compute_dtype="half")

@@ -180,10 +180,12 @@ def test_workdir_of_another_dataset_is_refused(trained_workdir):
         checkpoint.check_workdir_config(trained_workdir, other)
 
 
-def test_workdir_resumes_with_either_dilation_layout(trained_workdir):
-    """model.dilation_as_phases changes how the network runs, not what it computes: no refusal."""
+@pytest.mark.parametrize("field, value", [("dilation_as_phases", False), ("compute_dtype", "bfloat16")])
+def test_workdir_resumes_with_another_execution_setting(trained_workdir, field, value):
+    """model.dilation_as_phases and model.compute_dtype change how the network runs, not its weights: no refusal."""
     stored = checkpoint.read_config(trained_workdir)
-    other = dataclasses.replace(stored, model=dataclasses.replace(stored.model, dilation_as_phases=not stored.model.dilation_as_phases))
+    assert getattr(stored.model, field) != value
+    other = dataclasses.replace(stored, model=dataclasses.replace(stored.model, **{field: value}))
     assert checkpoint.check_workdir_config(trained_workdir, other) == stored
 
 
