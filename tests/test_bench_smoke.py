@@ -110,3 +110,20 @@ def test_profile_train_step_tiny(tmp_path):
     assert "kernel_conv 2L, batched NHWC, DEFAULT prec" in layers and "kernel_conv (blur) 2L" in layers
     assert all(row["fwd_ms"] > 0 for row in saved["layers"])
     assert r is not None and saved["machine"]["device"]
+
+
+def test_gpu_checks_script_refuses_before_running(tmp_path):
+    """bench/gpu_checks.sh: an unknown stage prints its usage; results already in $OUT are never overwritten
+    (both before any Python starts).  TINY=1 runs the stages themselves; a GPU box is their place."""
+    import subprocess
+
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "gpu_checks.sh")
+    env = {**os.environ, "OUT": str(tmp_path)}
+    r = subprocess.run(["bash", script, "sped"], capture_output=True, text=True, env=env)
+    assert r.returncode == 2 and "usage: bash bench/gpu_checks.sh speed | bf16 EXPORT_DIR" in r.stderr
+    for stage, mine in (("speed", "trace.tgz"), ("bf16", "params.msgpack.part_aa")):
+        (tmp_path / mine).write_text("earlier results")
+        r = subprocess.run(["bash", script, stage, str(tmp_path / "export")], capture_output=True, text=True, env=env)
+        assert r.returncode == 1 and f"{tmp_path / mine} exists; move it away" in r.stderr, r.stderr
+        assert (tmp_path / mine).read_text() == "earlier results"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.msgpack.part_aa", "trace.tgz"]
