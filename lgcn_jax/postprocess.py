@@ -29,7 +29,7 @@ constraint; otherwise a primal-dual interior-point method (Mehrotra
 predictor-corrector) solves it, started at the strictly feasible mean shape
 (b = 0) and stopped once the duality measure falls below 1e-7.
 
-Single faces are fast (about 1.8 ms on 2 CPU cores with 3-point peaks): the window fits and the
+Single faces are fast (about 2.4 ms on 2 CPU cores; 1.8 ms with 3-point peaks): the window fits and the
 peak search read one small patch per map (``lax.dynamic_slice``), and the two
 fall-backs (interior point; whole-map peak search when the patch cannot prove
 its answer) sit behind ``lax.cond``, which only an unbatched face skips, so
