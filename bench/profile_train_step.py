@@ -5,13 +5,14 @@
 Times, after warm-up and as medians, on this machine's first device:
   * the whole step: ``apply`` (inference), the training-mode forward, loss + gradients, the full
     ``train_step``, ``train_step`` with the on-device augmentation of the TF-free pipeline,
-    ``train_step`` with the global subnet as dilated convolutions instead of on sub-grids, and
-    ``apply`` and ``train_step`` with bf16 convolution blocks (``model.compute_dtype``);
+    ``train_step`` with the global subnet as dilated convolutions instead of on sub-grids,
+    ``train_step`` with BatchNorm -> ReLU -> dropout left to autodiff (``model.fused_batch_norm=false``),
+    and ``apply`` and ``train_step`` with bf16 convolution blocks (``model.compute_dtype``);
   * every kind of layer of the network on its own, forward, input gradient (dx) and weight
     gradient (dw), times the number of such layers: the 5x5 and 3x3 local convolutions, the
     dilated global ones (also as plain convolutions on sub-grids), the blur (``kernel_conv``; also
     at JAX's default matmul precision, TF32 on GPUs, and a candidate formulation without layout
-    transposes), BatchNorm + ReLU + dropout;
+    transposes), BatchNorm + ReLU + dropout (the fused op, and the same left to autodiff);
   * XLA's own FLOP and byte counts of the compiled forward and step.
 Needs no TensorFlow.  Writes bench/results_profile.json (with the device) and, with --trace,
 a jax.profiler trace for TensorBoard or Perfetto, summarised per kind of kernel and per layer on
@@ -33,11 +34,12 @@ import numpy as np
 
 import lgcn_jax
 from lgcn_jax import network, train
+from lgcn_jax.batch_norm import BNReLUDropout
 from lgcn_jax.config import DataConfig
 
 
 PARTS = ("apply", "forward_train_mode", "loss_and_grads", "train_step", "train_step_device_augment", "train_step_dilated_convs",
-         "apply_bf16", "train_step_bf16")
+         "train_step_unfused_bn", "apply_bf16", "train_step_bf16")
 
 
 def _conv(dilation):
@@ -110,13 +112,16 @@ def layer_breakdown(cfg, b: int) -> list[dict]:
     add("kernel_conv 2L, batched NHWC, DEFAULT prec", 1, lambda x, w: blur_batched_nhwc(x, kernel) * w,
         (b, s, s, 2 * n), ())
 
-    def bn_relu_dropout(x, scale):
-        mean, var = x.mean((0, 1, 2)), x.var((0, 1, 2))
-        y = jax.nn.relu((x - mean) * jax.lax.rsqrt(var + 1e-5) * scale) * 0.1
-        keep = jax.random.bernoulli(jax.random.key(1), 1 - m.dropout_rate, y.shape) if m.dropout_rate else 1.0
-        return y * keep
+    def bn_relu_dropout(fused):
+        def f(x, scale):
+            block = BNReLUDropout(m.bn_momentum, m.bn_epsilon, m.activation_scale, m.dropout_rate, fused=fused)
+            variables = {"params": {"scale": scale, "bias": jnp.zeros_like(scale)},
+                         "batch_stats": {"mean": jnp.zeros_like(scale), "var": jnp.ones_like(scale)}}
+            return block.apply(variables, x, True, rngs={"dropout": jax.random.key(1)}, mutable=["batch_stats"])[0]
+        return f
     blocks = m.local_5x5_layers + m.local_3x3_layers + m.global_layers
-    add("BatchNorm+ReLU+dropout F", blocks, bn_relu_dropout, (b, s, s, f), (f,))
+    add("BatchNorm+ReLU+dropout F", blocks, bn_relu_dropout(True), (b, s, s, f), (f,))
+    add("  the same, autodiff", blocks, bn_relu_dropout(False), (b, s, s, f), (f,))
     return rows
 
 
@@ -179,6 +184,8 @@ def main(argv=None) -> dict:
               "train_step_device_augment": lambda: median_time(lambda: steps(raw, DataConfig(image_size=s)), repeats=args.repeats),
               # the global subnet as dilated convolutions (model.dilation_as_phases=false)
               "train_step_dilated_convs": lambda: step_with(dilation_as_phases=False),
+              # BatchNorm -> ReLU -> dropout left to autodiff (model.fused_batch_norm=false)
+              "train_step_unfused_bn": lambda: step_with(fused_batch_norm=False),
               # bf16 convolution blocks (model.compute_dtype)
               "apply_bf16": lambda: median_time(lgcn_jax.apply, state.net.replace(config=dataclasses.replace(m, compute_dtype="bfloat16")),
                                                 images, repeats=args.repeats),

@@ -55,16 +55,20 @@ class ModelConfig:
     # when the map side divides by the dilation), False uses dilated convolutions.  Same function and
     # weights either way; see network.to_phases for why.
     dilation_as_phases: bool = True
-    # Arithmetic of the convolution blocks: "float32", or "bfloat16" for the convolutions,
-    # BatchNorm's normalisation, ReLU and dropout (half the memory traffic; bf16 tensor cores on
-    # GPUs).  Parameters, BatchNorm statistics and their reductions, the 1x1 heads, the blur, the
-    # outputs and the loss stay f32, so weights and checkpoints are the same either way.
+    # Arithmetic of the convolution blocks: "float32", or "bfloat16" for the convolutions and the
+    # activations they read and write (half the memory traffic; bf16 tensor cores on GPUs); BatchNorm,
+    # ReLU and dropout compute in f32 on the way.  Parameters, BatchNorm statistics, the 1x1 heads,
+    # the blur, the outputs and the loss stay f32, so weights and checkpoints are the same either way.
     compute_dtype: str = "float32"
+    # True: each block's BatchNorm -> ReLU -> dropout is one op with a hand-written backward pass
+    # that saves only the convolution output and the dropout mask (lgcn_jax/batch_norm.py); False
+    # leaves the same arithmetic to autodiff.  Same function and weights either way.
+    fused_batch_norm: bool = True
 
 
 # ModelConfig fields that choose how the network runs, not its function or weights: a checkpoint
 # made with one value restores, resumes and evaluates with any other.
-EXECUTION_FIELDS = frozenset({"dilation_as_phases", "compute_dtype"})
+EXECUTION_FIELDS = frozenset({"dilation_as_phases", "compute_dtype", "fused_batch_norm"})
 
 
 @dataclasses.dataclass(frozen=True)

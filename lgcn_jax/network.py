@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from lgcn_jax.batch_norm import BNReLUDropout
 from lgcn_jax.config import Config, ModelConfig
 from lgcn_jax.kernel_conv import Kernel, gaussian_mixture_kernel, kernel_conv
 
@@ -40,14 +41,13 @@ class LGCN(nn.Module):
     def __call__(self, images: jax.Array, train: bool) -> tuple[jax.Array, jax.Array]:
         m = self.config
         conv_init = nn.initializers.variance_scaling(2.0 * m.init_scale**2, "fan_in", "normal")
-        # model.compute_dtype: the blocks' arithmetic; BatchNorm reduces in f32 whatever it is.
+        # model.compute_dtype: the convolutions' arithmetic and the activations' storage; BatchNorm computes in f32.
         dtype = jnp.dtype(m.compute_dtype)
 
         def block(x, size, dilation, name):
             x = nn.Conv(m.num_filters, (size, size), kernel_dilation=dilation, padding="SAME", kernel_init=conv_init, dtype=dtype, name=f"{name}_conv")(x)
-            x = nn.BatchNorm(use_running_average=not train, momentum=m.bn_momentum, epsilon=m.bn_epsilon, dtype=dtype, name=f"{name}_bn")(x)
-            x = nn.relu(x) * jnp.asarray(m.activation_scale, x.dtype)
-            return nn.Dropout(m.dropout_rate, deterministic=not train)(x)
+            return BNReLUDropout(m.bn_momentum, m.bn_epsilon, m.activation_scale, m.dropout_rate, dtype, m.fused_batch_norm,
+                                 name=f"{name}_bn")(x, train)
 
         # The authors feed 0..255 pixels and map them to (p/128 - 1) * 0.1.
         x = (images * (255.0 / 128.0) - 1.0) * 0.1
@@ -60,8 +60,7 @@ class LGCN(nn.Module):
         # the maps' sub-pixel peaks are read from small differences of their logs.
         main = nn.Conv(n, (1, 1), kernel_init=conv_init, dtype=jnp.float32, name="head_main")(x)
         side = nn.Conv(n, (1, 1), kernel_init=conv_init, dtype=jnp.float32, name="head_side_conv")(x)
-        side = nn.BatchNorm(use_running_average=not train, momentum=m.bn_momentum, epsilon=m.bn_epsilon, name="head_side_bn")(side)
-        side = nn.relu(side) * m.activation_scale
+        side = BNReLUDropout(m.bn_momentum, m.bn_epsilon, m.activation_scale, fused=m.fused_batch_norm, name="head_side_bn")(side, train)
         # One blur call for both heads: 2n channels in a single pair of matmuls, at the convolutions'
         # precision (JAX's default: TF32 on recent NVIDIA GPUs, full f32 on CPUs). In full f32 a GPU
         # runs them as SIMT GEMMs (5.5 ms of a 91 ms step on an H200); TF32 moved the released

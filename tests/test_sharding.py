@@ -36,17 +36,19 @@ def _run(code, devices, timeout=600):
 def test_two_device_step_equals_one_device_step():
     out = _run("""
         assert jax.device_count() == 2
-        def steps(devices):
+        def steps(devices):  # the state after the first step (copied: the next step donates it), 3 losses
             mesh = sharding.data_mesh(devices)
             state = sharding.replicate(train.create_train_state(cfg), mesh)
-            losses = []
+            losses, first = [], None
             for _ in range(3):
                 state, m = train.train_step(state, sharding.shard_batch(batch, mesh))
                 losses.append(float(m["loss"]))
-            return state, losses
-        s1, l1 = steps(jax.devices()[:1])
-        s2, l2 = steps(jax.devices())
-        assert len(s2.net.params["head_main"]["kernel"].sharding.device_set) == 2
+                if first is None:
+                    first = jax.tree_util.tree_map(np.array, state)
+            return first, losses, state
+        s1, l1, _ = steps(jax.devices()[:1])
+        s2, l2, last = steps(jax.devices())
+        assert len(last.net.params["head_main"]["kernel"].sharding.device_set) == 2
         # Relative to each leaf's own scale; a BatchNorm mean (a near-cancelling sum) relative to the spread
         # of its activations, sqrt(var). Skipped: the biases of convolutions that feed a BatchNorm, which
         # the BN cancels: their gradients are pure round-off (~1e-7) on either device count.
@@ -64,6 +66,9 @@ def test_two_device_step_equals_one_device_step():
             rel = max(rel, float(np.max(np.abs(np.asarray(a) - np.asarray(b)))) / scale)
         print(json.dumps({"l1": l1, "l2": l2, "rel": rel}))
     """, devices=2)
+    # Parameters and statistics are compared after one step: over more steps the two runs' round-off grows
+    # chaotically (after three, 2e-6 to 2e-4 over seeds 0-6, with flax's BatchNorm as with ours, where one
+    # step gives at most 1.3e-6 for every seed), while the losses of all three steps stay within 1e-5.
     assert out["l1"] == pytest.approx(out["l2"], rel=1e-5) and out["rel"] < 1e-5, out
 
 
