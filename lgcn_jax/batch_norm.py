@@ -34,12 +34,16 @@ def _stats(xf: jax.Array) -> tuple[jax.Array, jax.Array]:
     return mean, var
 
 
+def _normalized(xf, mean, inv, scale, bias):
+    """z = (x - mean) * inv_std * scale + bias, in the order flax's nn.BatchNorm computes it."""
+    return (xf - mean) * (inv * scale) + bias
+
+
 def _forward(x, scale, bias, keep, epsilon, activation_scale, keep_prob):
     xf = x.astype(jnp.float32)
     mean, var = _stats(xf)
     inv = jax.lax.rsqrt(var + epsilon)
-    z = (xf - mean) * (inv * scale) + bias
-    y = jnp.maximum(z, 0.0) * activation_scale
+    y = jnp.maximum(_normalized(xf, mean, inv, scale, bias), 0.0) * activation_scale
     if keep is not None:
         y = jnp.where(keep, y / keep_prob, 0.0)
     return y.astype(x.dtype), mean, var, inv
@@ -61,9 +65,10 @@ def _bwd(epsilon, activation_scale, keep_prob, residuals, cotangents):
     gy, gmean, gvar = cotangents
     axes = tuple(range(x.ndim - 1))
     n = x.size // x.shape[-1]
-    centred = x.astype(jnp.float32) - mean
+    xf = x.astype(jnp.float32)
+    centred = xf - mean
     xhat = centred * inv
-    on = centred * (inv * scale) + bias > 0  # z > 0, computed as the forward pass did
+    on = _normalized(xf, mean, inv, scale, bias) > 0  # z > 0, computed as the forward pass did
     factor = activation_scale
     if keep is not None:
         on, factor = on & keep, factor / keep_prob
@@ -126,7 +131,7 @@ class BNReLUDropout(nn.Module):
         ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((c,), jnp.float32))
         x = x.astype(self.dtype)
         if not train:
-            z = (x.astype(jnp.float32) - ra_mean.value) * (jax.lax.rsqrt(ra_var.value + self.epsilon) * scale) + bias
+            z = _normalized(x.astype(jnp.float32), ra_mean.value, jax.lax.rsqrt(ra_var.value + self.epsilon), scale, bias)
             return (jnp.maximum(z, 0.0) * self.activation_scale).astype(self.dtype)
         keep = None
         if self.dropout_rate > 0:
