@@ -122,7 +122,7 @@ def test_module_has_batchnorm_variables_and_matches_it(inputs):
                                rtol=1e-6, atol=1e-7)
 
 
-def test_module_dropout_rate_and_determinism(inputs):
+def test_module_dropout_rate_and_determinism():
     x = jnp.ones((4, 16, 16, 8)) + jnp.arange(8.0)
     mod = BNReLUDropout(momentum=0.0, epsilon=EPS, activation_scale=SCALE, dropout_rate=0.25)
     v = mod.init(jax.random.key(0), x, train=False)
