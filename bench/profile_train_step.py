@@ -11,7 +11,7 @@ Times, after warm-up and as medians, on this machine's first device:
   * every kind of layer of the network on its own, forward, input gradient (dx) and weight
     gradient (dw), times the number of such layers: the 5x5 and 3x3 local convolutions, the
     dilated global ones (also as plain convolutions on sub-grids), the blur (``kernel_conv``; also
-    at JAX's default matmul precision, TF32 on GPUs, and a candidate formulation without layout
+    at JAX's default matmul precision, TF32 on GPUs, and the library's earlier form with layout
     transposes), BatchNorm + ReLU + dropout (the fused op, and the same left to autodiff);
   * XLA's own FLOP and byte counts of the compiled forward and step.
 Needs no TensorFlow.  Writes bench/results_profile.json (with the device) and, with --trace,
@@ -58,21 +58,17 @@ def _parts(f, x, w):
     return (median_time(fwd, x, w) * 1e3, median_time(dx, x, w, ct) * 1e3, median_time(dw, x, w, ct) * 1e3)
 
 
-def blur_batched_nhwc(x, kernel, precision=None):
-    """``kernel_conv(x, kernel)`` for f32[B, H, W, C] as two batched matmuls that keep the NHWC layout.
+def blur_einsum(x, kernel, precision=None):
+    """``kernel_conv(x, kernel)`` for f32[B, H, W, C] as the library computed it before: two einsums.
 
-    Pass 1 contracts H with the rank terms laid out as [(H' R), H], batched over B, giving
-    [B, H', R, W, C]; R and W are then adjacent, so pass 2 contracts (R, W) batched over (B, H')
-    and writes [B, H', W', C] directly.
+    "rwq,bhqc->bhrwc" then "rhp,bprwc->bhwc" contract an inner axis of NHWC with the Toeplitz
+    factors; a GPU compile moves x and the R-times-larger intermediate through layout transposes
+    for them (bench/gpu_hlo_offline.py).  Kept to time against the library's transpose-free form.
     """
-    b, h, w, c = x.shape
-    r = kernel.rank
-    th = jnp.asarray(kernel.toeplitz(0, h)).transpose(1, 0, 2).reshape(h * r, h)  # [(h' r), h]
-    tw = jnp.asarray(kernel.toeplitz(1, w)).transpose(1, 0, 2).reshape(w, r * w)  # [w', (r w)]
-    y = jax.lax.dot_general(jnp.broadcast_to(th, (b, h * r, h)), x.reshape(b, h, w * c),
-                            (((2,), (1,)), ((0,), (0,))), precision=precision)
-    return jax.lax.dot_general(jnp.broadcast_to(tw, (b, h, w, r * w)), y.reshape(b, h, r * w, c),
-                               (((3,), (2,)), ((0, 1), (0, 1))), precision=precision)
+    th = jnp.asarray(kernel.toeplitz(0, x.shape[1]))  # [R, H, H]
+    tw = jnp.asarray(kernel.toeplitz(1, x.shape[2]))  # [R, W, W]
+    y = jnp.einsum("rwq,bhqc->bhrwc", tw, x, precision=precision)
+    return jnp.einsum("rhp,bprwc->bhwc", th, y, precision=precision)
 
 
 def layer_breakdown(cfg, b: int) -> list[dict]:
@@ -105,11 +101,8 @@ def layer_breakdown(cfg, b: int) -> list[dict]:
     add("kernel_conv 2L, DEFAULT prec", 1, lambda x, w: lgcn_jax.kernel_conv(x, kernel, precision=None) * w,
         (b, s, s, 2 * n), ())
 
-    # A candidate formulation, not in the library: both matmuls batched over NHWC's leading axes with
-    # the Toeplitz factors broadcast (XLA can fold such broadcasts into cuBLAS as a zero batch stride),
-    # so no layout transposes, where the library's form costs ~2.7 ms of them a step on the H200.
-    # Slower on a CPU (many small GEMMs); a GPU run decides.
-    add("kernel_conv 2L, batched NHWC, DEFAULT prec", 1, lambda x, w: blur_batched_nhwc(x, kernel) * w,
+    # The library's form before (two einsums with layout transposes on a GPU), to time the two in one run.
+    add("kernel_conv 2L, einsum form (before), DEFAULT prec", 1, lambda x, w: blur_einsum(x, kernel) * w,
         (b, s, s, 2 * n), ())
 
     def bn_relu_dropout(fused):

@@ -110,14 +110,23 @@ def _as_kernel(kernel) -> Kernel:
 
 @functools.partial(jax.jit, static_argnames=("kernel", "precision"))
 def _kernel_conv(x: jax.Array, kernel: Kernel, precision) -> jax.Array:
-    _, h, w, _ = x.shape
-    th = jnp.asarray(kernel.toeplitz(0, h))  # [R, H, H]
-    tw = jnp.asarray(kernel.toeplitz(1, w))  # [R, W, W]
-    # Pass 1 along W for all R terms in one matmul; pass 2 along H contracts
-    # (r, p) together, so the sum over rank terms is part of that matmul.
-    # (This order measured ~20% faster than H-first on CPU; see bench/.)
-    y = jnp.einsum("rwq,bhqc->bhrwc", tw, x, precision=precision)
-    return jnp.einsum("rhp,bprwc->bhwc", th, y, precision=precision)
+    b, h, w, c = x.shape
+    r = kernel.rank
+    x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    # Both passes are batched matmuls that read and write x's own NHWC layout, so no layout
+    # transpose of a map-sized array is needed (the einsum form "rwq,bhqc->bhrwc" made XLA move
+    # x and the R-times-larger intermediate through transposes: twice the blur's memory traffic
+    # in a GPU-compiled training step, bench/gpu_hlo_offline.py).  Pass 1 along H, one matmul per
+    # image, with the rank terms laid out beside H': [(H' R), H] @ [H, (W C)].  Then R and W are
+    # adjacent, so pass 2 contracts them together (the sum over rank terms is part of that
+    # matmul) per image row: [W', (R W)] @ [(R W), C].  The Toeplitz factors are broadcast over
+    # the batch axes; XLA's GPU backend folds that into cuBLAS as a zero batch stride.
+    th = jnp.asarray(kernel.toeplitz(0, h).transpose(1, 0, 2).reshape(h * r, h), x.dtype)  # [(H' R), H]
+    tw = jnp.asarray(kernel.toeplitz(1, w).transpose(1, 0, 2).reshape(w, r * w), x.dtype)  # [W', (R W)]
+    y = jax.lax.dot_general(jnp.broadcast_to(th, (b, h * r, h)), x.reshape(b, h, w * c),
+                            (((2,), (1,)), ((0,), (0,))), precision=precision)  # [B, (H' R), (W C)]
+    return jax.lax.dot_general(jnp.broadcast_to(tw, (b, h, w, r * w)), y.reshape(b, h, r * w, c),
+                               (((3,), (2,)), ((0, 1), (0, 1))), precision=precision)  # [B, H', W', C]
 
 
 def kernel_conv(x: jax.Array, kernel, precision=jax.lax.Precision.HIGHEST) -> jax.Array:

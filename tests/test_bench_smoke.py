@@ -81,7 +81,7 @@ def test_trace_summary_sums_device_kernels_by_kind_and_layer(tmp_path):
 
 
 def test_profile_train_step_tiny(tmp_path):
-    """The profiler runs end to end on a tiny network, and its candidate blur computes the library's blur."""
+    """The profiler runs end to end on a tiny network, and its earlier form of the blur computes the library's blur."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -93,11 +93,11 @@ def test_profile_train_step_tiny(tmp_path):
     kernel = Kernel(gaussian_mixture_kernel(9, (0.3, 0.7), (1.0, 2.5)))
     x = jax.random.normal(jax.random.key(0), (2, 12, 10, 3))
     want = kernel_conv(x, kernel)
-    got = profile_train_step.blur_batched_nhwc(x, kernel, jax.lax.Precision.HIGHEST)
+    got = profile_train_step.blur_einsum(x, kernel, jax.lax.Precision.HIGHEST)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(jnp.abs(want).max()))
     ct = jax.random.normal(jax.random.key(1), x.shape)
     g_want = jax.grad(lambda x: jnp.vdot(kernel_conv(x, kernel), ct))(x)
-    g_got = jax.grad(lambda x: jnp.vdot(profile_train_step.blur_batched_nhwc(x, kernel, jax.lax.Precision.HIGHEST), ct))(x)
+    g_got = jax.grad(lambda x: jnp.vdot(profile_train_step.blur_einsum(x, kernel, jax.lax.Precision.HIGHEST), ct))(x)
     np.testing.assert_allclose(g_got, g_want, rtol=1e-5, atol=1e-5 * float(jnp.abs(g_want).max()))
 
     out = tmp_path / "profile.json"
@@ -107,7 +107,7 @@ def test_profile_train_step_tiny(tmp_path):
     saved = json.loads(out.read_text())
     assert set(saved["seconds"]) == {"apply", "train_step", "apply_bf16", "train_step_bf16", "train_step_unfused_bn"}
     layers = [row["layer"] for row in saved["layers"]]
-    assert "kernel_conv 2L, batched NHWC, DEFAULT prec" in layers and "kernel_conv (blur) 2L" in layers
+    assert "kernel_conv 2L, einsum form (before), DEFAULT prec" in layers and "kernel_conv (blur) 2L" in layers
     assert "BatchNorm+ReLU+dropout F" in layers and "  the same, autodiff" in layers
     assert all(row["fwd_ms"] > 0 for row in saved["layers"])
     assert r is not None and saved["machine"]["device"]
@@ -128,3 +128,76 @@ def test_gpu_checks_script_refuses_before_running(tmp_path):
         assert r.returncode == 1 and f"{tmp_path / mine} exists; move it away" in r.stderr, r.stderr
         assert (tmp_path / mine).read_text() == "earlier results"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["params.msgpack.part_aa", "trace.tgz"]
+
+
+HLO = """HloModule m, entry_computation_layout={(f32[8,16]{1,0})->f32[16,8]{1,0}}
+
+%fused_t (p: f32[8,16]) -> f32[16,8] {
+  %p = f32[8,16]{1,0} parameter(0)
+  ROOT %t = f32[16,8]{1,0} transpose(%p), dimensions={1,0}
+}
+
+%fused_add (p.1: f32[16,8], p.2: pred[16,8]) -> (f32[16,8], f32[16]) {
+  %p.1 = f32[16,8]{1,0} parameter(0)
+  ROOT %a = f32[16,8]{1,0} add(%p.1, %p.1)
+}
+
+%command_buffer (q: f32[16,8]) -> f32[16,8] {
+  %q = f32[16,8]{1,0} parameter(0)
+  %m = pred[16,8]{1,0} parameter(1)
+  ROOT %loop_add_fusion = f32[16,8]{1,0} fusion(%q, %m), kind=kLoop, calls=%fused_add
+}
+
+ENTRY %main (x: f32[8,16]) -> f32[16,8] {
+  %x = f32[8,16]{1,0} parameter(0)
+  %w = f32[3,3,8,8]{3,2,1,0} constant({...})
+  %conv = (f32[8,16]{1,0}, u8[0]{0}) custom-call(%x, %w), custom_call_target="__cudnn$convForward", backend_config={}
+  %g = f32[8,16]{1,0} get-tuple-element(%conv), index=0
+  %input_transpose_fusion = f32[16,8]{1,0} fusion(%g), kind=kInput, calls=%fused_t
+  ROOT %c = f32[16,8]{1,0} call(%input_transpose_fusion), to_apply=%command_buffer
+}
+"""
+
+
+def test_gpu_hlo_offline_counts_bytes_by_kind():
+    """The byte count of a compiled module: each kernel's operands and results, parameters and views free,
+    command buffers entered, kinds by library call and fusion."""
+    import gpu_hlo_offline as g
+
+    assert g.type_bytes("(f32[2,3]{1,0}, pred[4]{0}, bf16[5])") == 24 + 4 + 10
+    kinds, kernels = g.traffic(HLO)
+    assert [k["name"] for k in kernels] == ["conv", "input_transpose_fusion", "loop_add_fusion"]
+    assert kinds == {"convolution forward (cuDNN)": {"kernels": 1, "bytes": 512 + 512 + 4 * 72 * 8},
+                     "layout transpose fusion": {"kernels": 1, "bytes": 512 + 512},
+                     "element-wise fusion (kLoop)": {"kernels": 1, "bytes": 512 + 512 + 128}}
+    with pytest.raises(ValueError, match="ENTRY"):
+        g.traffic("HloModule empty")
+
+
+def test_gpu_hlo_offline_parses_a_real_module():
+    """XLA's own text (here the CPU's compile of a small step) parses: every kernel found, none negative."""
+    import jax
+    import jax.numpy as jnp
+
+    import gpu_hlo_offline as g
+
+    def f(x, w):
+        return jax.grad(lambda w: jnp.sum(jax.nn.relu(x @ w).T ** 2))(w)
+
+    text = jax.jit(f).lower(jnp.ones((64, 32)), jnp.ones((32, 16))).compile().as_text()
+    kinds, kernels = g.traffic(text)
+    assert kernels and all(k["bytes"] > 0 for k in kernels)
+    assert sum(v["bytes"] for v in kinds.values()) >= 64 * 32 * 4  # x is read at least once
+
+
+def test_gpu_hlo_offline_names_the_missing_plugin():
+    import subprocess
+
+    try:
+        import jax_plugins.xla_cuda12  # noqa: F401
+        pytest.skip("JAX's CUDA plugin is installed here")
+    except ImportError:
+        pass
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "gpu_hlo_offline.py")
+    r = subprocess.run([sys.executable, script, "--out", os.devnull], capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and 'pip install "jax[cuda12]==' in r.stderr

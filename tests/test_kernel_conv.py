@@ -90,3 +90,24 @@ def test_gaussian_mixture_kernel_errors():
         gaussian_mixture_kernel(44, (1.0,), (1.0,))
     with pytest.raises(ValueError, match="as many"):
         gaussian_mixture_kernel(5, (1.0, 2.0), (1.0,))
+
+
+def test_no_layout_transpose_of_the_maps():
+    """Both matmuls read and write NHWC as it lies: no transpose of a map-sized array.  (On a GPU the
+    einsum form's transposes moved twice the blur's bytes; bench/gpu_hlo_offline.py.)  Forward only:
+    autodiff writes the backward matmuls' operand orders as transposes, which XLA folds into them."""
+    x = jnp.ones((2, 24, 20, 3))
+    eqns = list(_all_eqns(jax.make_jaxpr(lambda x: kernel_conv(x, KERNELS["lgcn45"]))(x).jaxpr))
+    moved = [e for e in eqns if e.primitive.name == "transpose" and e.outvars[0].aval.size >= x.size]
+    assert not moved, moved
+    assert sum(e.primitive.name == "dot_general" for e in eqns) == 2
+
+
+def _all_eqns(jaxpr):
+    """Every equation of a jaxpr and of the jaxprs inside it (jit, custom rules)."""
+    for e in jaxpr.eqns:
+        yield e
+        for p in e.params.values():
+            inner = getattr(p, "jaxpr", p)  # a ClosedJaxpr holds its Jaxpr
+            if hasattr(inner, "eqns"):
+                yield from _all_eqns(inner)
