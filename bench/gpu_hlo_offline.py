@@ -101,7 +101,10 @@ def traffic(text: str) -> tuple[dict[str, dict], list[dict]]:
             if ins["op"] in _FREE:
                 continue
             if ins["op"] in ("call", "while", "conditional", "async-start"):
-                for name in re.findall(r"(?:to_apply|body|calls|branch_computations=\{)=?%([\w.\-]+)", ins["attrs"]):
+                branches = re.search(r"branch_computations=\{([^}]*)\}", ins["attrs"])
+                names = re.findall(r"(?:to_apply|body|calls)=%([\w.\-]+)", ins["attrs"]) + (
+                    re.findall(r"%([\w.\-]+)", branches.group(1)) if branches else [])
+                for name in names:
                     if depth < 8:
                         visit(computations.get(name, []), depth + 1)
                 continue
