@@ -1,7 +1,8 @@
-"""What a GPU would run, without a GPU: the training step compiled for an NVIDIA H200 here, its memory traffic by kind.
+"""What a GPU would run, without a GPU: the training step (or ``apply``) compiled for an NVIDIA H200 here, its memory traffic by kind.
 
     pip install "jax[cuda12]==$(python -c 'import jax; print(jax.__version__)')"   # the CUDA plugin; no GPU or driver needed
-    python bench/gpu_hlo_offline.py [--preset paper] [--batch 64] [--config k=v ...] [--variant k=v[,k=v] ...]
+    python bench/gpu_hlo_offline.py [--function train_step|apply] [--preset paper] [--batch 64] [--config k=v ...]
+                                    [--variant k=v[,k=v] ...] [--out FILE]
 
 XLA compiles for a GPU it does not have from a target description (``bench/gpu_specs/h200.txtpb``,
 ``--target``): the fusions, the layouts, every layout transpose and which library (cuDNN, cuBLAS)
@@ -9,14 +10,14 @@ runs each convolution and matmul are XLA's own decisions for that chip.  What di
 compile on the GPU: nothing is autotuned (no convolution algorithm is picked) and Triton GEMM
 fusions are off (cuBLAS calls instead; deviceless Triton tiling fails on the blur's matmuls).
 
-For every top-level kernel of the compiled step it sums the bytes of its operands and results and
+For every top-level kernel of the compiled function it sums the bytes of its operands and results and
 groups them by kind: cuDNN convolutions (forward, input and weight gradients), cuBLAS matmuls,
 layout transposes, and XLA's element-wise (kLoop) and reduction (kInput) fusions.  Element-wise and
 transpose kernels are memory-bound, so their bytes are what their time follows; on the H200 trace
 of the step (bench/results_profile.json, commit 3fdc0de) the element-wise and reduction fusions
 moved 80.9 GB by this count in 23.1 ms (3.5 TB/s).  Each ``--variant`` (execution fields of the model, e.g.
 ``model.fused_batch_norm=false``) is compiled in the same run for a ratio against the default.
-Writes bench/results_gpu_hlo_offline.json.  No timing: this says what moves, not how fast.
+Writes bench/results_gpu_hlo_offline.json (``_apply.json`` for apply).  No timing: this says what moves, not how fast.
 """
 
 from __future__ import annotations
@@ -118,20 +119,24 @@ def traffic(text: str) -> tuple[dict[str, dict], list[dict]]:
     return dict(kinds), kernels
 
 
-def compile_step_text(cfg, batch: int, target_config: str) -> str:
-    """Optimized HLO text of ``train_step`` for the described GPU, compiled on this machine's CPU."""
+def compile_text(function: str, cfg, batch: int, target_config: str) -> str:
+    """Optimized HLO text of ``train_step`` or ``apply`` for the described GPU, compiled on this machine's CPU."""
     import jax
     import jax.numpy as jnp
     from jax.experimental import topologies
 
-    from lgcn_jax import train
+    from lgcn_jax import network, train
 
     topology = topologies.get_topology_desc(platform="cuda", target_config=target_config, topology="1x1x1")
     sharding = jax.sharding.SingleDeviceSharding(topology.devices[0])
     on_gpu = lambda t: jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), t)  # noqa: E731
-    state = jax.eval_shape(lambda: train.create_train_state(cfg))
     s = cfg.data.image_size
-    batch_spec = {"image": jax.ShapeDtypeStruct((batch, s, s, 1), jnp.float32, sharding=sharding),
+    images = jax.ShapeDtypeStruct((batch, s, s, 1), jnp.float32, sharding=sharding)
+    if function == "apply":
+        net = jax.eval_shape(lambda: network.init(jax.random.key(0), cfg))
+        return network._apply.lower(on_gpu(net), images).compile().as_text()
+    state = jax.eval_shape(lambda: train.create_train_state(cfg))
+    batch_spec = {"image": images,
                   "landmarks": jax.ShapeDtypeStruct((batch, cfg.model.num_landmarks, 2), jnp.float32, sharding=sharding)}
     lowered = train._train_step.lower(on_gpu(state), batch_spec, cfg.train.loss_scale, None)
     return lowered.compile().as_text()
@@ -142,13 +147,15 @@ def main(argv=None) -> dict:
     p.add_argument("--preset", default="paper")
     p.add_argument("--config", nargs="*", default=[])
     p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--function", choices=("train_step", "apply"), default="train_step")
     p.add_argument("--variant", action="append", default=[],
                    help="comma-separated overrides compiled beside the default, e.g. model.fused_batch_norm=false")
     p.add_argument("--target", default=os.path.join(HERE, "gpu_specs", "h200.txtpb"), help="XLA GPU target description")
     p.add_argument("--top", type=int, default=10, help="list the largest kernels that are not convolutions or matmuls")
     p.add_argument("--hlo_dir", help="also write each compiled module's HLO text here")
-    p.add_argument("--out", default=os.path.join(HERE, "results_gpu_hlo_offline.json"))
+    p.add_argument("--out", help="default bench/results_gpu_hlo_offline.json, for apply bench/results_gpu_hlo_offline_apply.json")
     args = p.parse_args(argv)
+    args.out = args.out or os.path.join(HERE, "results_gpu_hlo_offline" + ("_apply" if args.function == "apply" else "") + ".json")
     # Deviceless: JAX runs on the CPU, XLA's GPU compiler only compiles.  Triton's GEMM tiling needs a device.
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_gpu_enable_triton_gemm=false").strip()
     import jax
@@ -167,10 +174,10 @@ def main(argv=None) -> dict:
     device = re.search(r'device_description_str: "([^"]*)"', target_config)
     runs = {"default": []} | {v: v.split(",") for v in args.variant}
     result = {"target": device.group(1) if device else os.path.basename(args.target), "compiled_on": machine(),
-              "jax": jax.__version__, "preset": args.preset, "overrides": args.config, "batch": args.batch, "variants": {}}
+              "jax": jax.__version__, "function": args.function, "preset": args.preset, "overrides": args.config, "batch": args.batch, "variants": {}}
     for name, extra in runs.items():
         cfg = lgcn_jax.apply_overrides(lgcn_jax.get_config(args.preset), [*args.config, *extra, f"train.batch_size={args.batch}"])
-        text = compile_step_text(cfg, args.batch, target_config)
+        text = compile_text(args.function, cfg, args.batch, target_config)
         if args.hlo_dir:
             os.makedirs(args.hlo_dir, exist_ok=True)
             with open(os.path.join(args.hlo_dir, re.sub(r"[^\w.=-]+", "_", name) + ".hlo"), "w") as f:
@@ -182,7 +189,7 @@ def main(argv=None) -> dict:
                                                                        for k, v in sorted(kinds.items(), key=lambda kv: -kv[1]["bytes"])},
                                     "largest_other": [{**k, "gb": k.pop("bytes") / 1e9} for k in others[: args.top]]}
     base = result["variants"]["default"]
-    print(f"train_step compiled for {result['target']} on this CPU: {args.preset}, batch {args.batch}, GB moved per step")
+    print(f"{args.function} compiled for {result['target']} on this CPU: {args.preset}, batch {args.batch}, GB moved per call")
     for name, r in result["variants"].items():
         print(f"\n{name}: {r['total_gb']:.2f} GB" + ("" if name == "default" else f" ({r['total_gb'] / base['total_gb']:.3f}x default)"))
         for kind, v in r["kinds"].items():

@@ -3,7 +3,8 @@
     python bench/profile_train_step.py [--preset paper] [--batch 32] [--trace DIR]
 
 Times, after warm-up and as medians, on this machine's first device:
-  * the whole step: ``apply`` (inference), the training-mode forward, loss + gradients, the full
+  * the whole step: ``apply`` (inference; also with BatchNorm not folded into the convolutions,
+    ``model.fold_batch_norm=false``), the training-mode forward, loss + gradients, the full
     ``train_step``, ``train_step`` with the on-device augmentation of the TF-free pipeline,
     ``train_step`` with the global subnet as dilated convolutions instead of on sub-grids,
     ``train_step`` with BatchNorm -> ReLU -> dropout left to autodiff (``model.fused_batch_norm=false``),
@@ -38,8 +39,8 @@ from lgcn_jax.batch_norm import BNReLUDropout
 from lgcn_jax.config import DataConfig
 
 
-PARTS = ("apply", "forward_train_mode", "loss_and_grads", "train_step", "train_step_device_augment", "train_step_dilated_convs",
-         "train_step_unfused_bn", "apply_bf16", "train_step_bf16")
+PARTS = ("apply", "apply_unfolded_bn", "forward_train_mode", "loss_and_grads", "train_step", "train_step_device_augment",
+         "train_step_dilated_convs", "train_step_unfused_bn", "apply_bf16", "train_step_bf16")
 
 
 def _conv(dilation):
@@ -171,6 +172,9 @@ def main(argv=None) -> dict:
 
     # Every timer reads state.net when it runs: train_step donates the arrays of the state it is given.
     timers = {"apply": lambda: median_time(lgcn_jax.apply, state.net, images, repeats=args.repeats),
+              # BatchNorm not folded into the convolutions for inference (model.fold_batch_norm=false)
+              "apply_unfolded_bn": lambda: median_time(lgcn_jax.apply, state.net.replace(config=dataclasses.replace(m, fold_batch_norm=False)),
+                                                       images, repeats=args.repeats),
               "forward_train_mode": lambda: median_time(fwd_train, state.net, images, repeats=args.repeats),
               "loss_and_grads": lambda: median_time(grad_fn, state.net.params, state.net, batch, jax.random.key(0), loss_scale, repeats=args.repeats),
               "train_step": lambda: median_time(lambda: steps(batch, None), repeats=args.repeats),

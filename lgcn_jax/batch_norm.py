@@ -106,6 +106,27 @@ def bn_relu_dropout(x: jax.Array, scale: jax.Array, bias: jax.Array, keep: jax.A
     return _bn_relu_dropout(x, scale, bias, keep, float(epsilon), float(activation_scale), float(keep_prob))
 
 
+def fold_into_conv(kernel: jax.Array, conv_bias: jax.Array, scale: jax.Array, bias: jax.Array, mean: jax.Array,
+                   var: jax.Array, epsilon: float, activation_scale: float) -> tuple[jax.Array, jax.Array]:
+    """A convolution followed by inference-mode BatchNorm, ReLU and the activation scale, as one convolution + ReLU.
+
+    ``relu(bn(conv(x, kernel) + conv_bias)) * a == relu(conv(x, kernel') + bias')`` for ``a > 0``, with
+    ``g = scale * rsqrt(var + epsilon) * a`` per output channel, ``kernel' = kernel * g`` and
+    ``bias' = (conv_bias - mean) * g + bias * a``.  Why: a GPU compile then runs every block as one
+    cuDNN convolution with bias and ReLU fused, where the unfolded block writes and rereads the
+    convolution output for the element-wise BatchNorm pass.
+
+    Args:
+      kernel: f32[..., C_in, C] (HWIO); conv_bias, scale, bias, mean, var: f32[C].
+    Returns:
+      (kernel' f32[..., C_in, C], bias' f32[C]).
+    """
+    if not activation_scale > 0:
+        raise ValueError(f"folding needs a positive activation_scale (relu(a z) = a relu(z)), got {activation_scale}")
+    g = scale * jax.lax.rsqrt(var + epsilon) * activation_scale
+    return kernel * g, (conv_bias - mean) * g + bias * activation_scale
+
+
 class BNReLUDropout(nn.Module):
     """``nn.BatchNorm`` + ReLU + scale + ``nn.Dropout`` in one module.
 

@@ -64,11 +64,16 @@ class ModelConfig:
     # that saves only the convolution output and the dropout mask (lgcn_jax/batch_norm.py); False
     # leaves the same arithmetic to autodiff.  Same function and weights either way.
     fused_batch_norm: bool = True
+    # True: inference with float32 blocks folds each BatchNorm and the activation scale into the
+    # convolution before it (batch_norm.fold_into_conv), so a block is one convolution + ReLU, which a
+    # GPU runs as one cuDNN call.  Training, compute_dtype=bfloat16 and False run the unfolded
+    # arithmetic.  Same function (to float rounding) and weights either way.
+    fold_batch_norm: bool = True
 
 
 # ModelConfig fields that choose how the network runs, not its function or weights: a checkpoint
 # made with one value restores, resumes and evaluates with any other.
-EXECUTION_FIELDS = frozenset({"dilation_as_phases", "compute_dtype", "fused_batch_norm"})
+EXECUTION_FIELDS = frozenset({"dilation_as_phases", "compute_dtype", "fused_batch_norm", "fold_batch_norm"})
 
 
 @dataclasses.dataclass(frozen=True)

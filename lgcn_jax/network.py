@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from lgcn_jax.batch_norm import BNReLUDropout
+from lgcn_jax.batch_norm import BNReLUDropout, fold_into_conv
 from lgcn_jax.config import Config, ModelConfig
 from lgcn_jax.kernel_conv import Kernel, gaussian_mixture_kernel, kernel_conv
 
@@ -44,10 +44,25 @@ class LGCN(nn.Module):
         # model.compute_dtype: the convolutions' arithmetic and the activations' storage; BatchNorm computes in f32.
         dtype = jnp.dtype(m.compute_dtype)
 
+        # model.fold_batch_norm: inference with f32 blocks runs each conv -> BatchNorm -> ReLU as one
+        # convolution + ReLU (batch_norm.fold_into_conv), which a GPU runs as one cuDNN call.
+        fold = (not train and m.fold_batch_norm and m.activation_scale > 0 and dtype == jnp.float32
+                and not self.is_initializing())
+
+        def conv_bn(x, features, size, dilation, name, dtype, dropout_rate):
+            conv = nn.Conv(features, (size, size), kernel_dilation=dilation, padding="SAME", kernel_init=conv_init, dtype=dtype, name=f"{name}_conv")
+            bn = BNReLUDropout(m.bn_momentum, m.bn_epsilon, m.activation_scale, dropout_rate, dtype, m.fused_batch_norm, name=f"{name}_bn")
+            if not fold:
+                return bn(conv(x), train)
+            params, stats = self.variables["params"], self.variables["batch_stats"]
+            c, b, s = params[f"{name}_conv"], params[f"{name}_bn"], stats[f"{name}_bn"]
+            kernel, bias = fold_into_conv(c["kernel"], c["bias"], b["scale"], b["bias"], s["mean"], s["var"], m.bn_epsilon, m.activation_scale)
+            y = jax.lax.conv_general_dilated(x.astype(jnp.float32), kernel, (1, 1), "SAME", rhs_dilation=(dilation, dilation),
+                                             dimension_numbers=("NHWC", "HWIO", "NHWC"))
+            return jnp.maximum(y + bias, 0.0)
+
         def block(x, size, dilation, name):
-            x = nn.Conv(m.num_filters, (size, size), kernel_dilation=dilation, padding="SAME", kernel_init=conv_init, dtype=dtype, name=f"{name}_conv")(x)
-            return BNReLUDropout(m.bn_momentum, m.bn_epsilon, m.activation_scale, m.dropout_rate, dtype, m.fused_batch_norm,
-                                 name=f"{name}_bn")(x, train)
+            return conv_bn(x, m.num_filters, size, dilation, name, dtype, m.dropout_rate)
 
         # The authors feed 0..255 pixels and map them to (p/128 - 1) * 0.1.
         x = (images * (255.0 / 128.0) - 1.0) * 0.1
@@ -59,8 +74,7 @@ class LGCN(nn.Module):
         # The heads, the blur and everything after them stay f32 (dtype=f32 promotes a bf16 input):
         # the maps' sub-pixel peaks are read from small differences of their logs.
         main = nn.Conv(n, (1, 1), kernel_init=conv_init, dtype=jnp.float32, name="head_main")(x)
-        side = nn.Conv(n, (1, 1), kernel_init=conv_init, dtype=jnp.float32, name="head_side_conv")(x)
-        side = BNReLUDropout(m.bn_momentum, m.bn_epsilon, m.activation_scale, fused=m.fused_batch_norm, name="head_side_bn")(side, train)
+        side = conv_bn(x, n, 1, 1, "head_side", jnp.float32, 0.0)
         # One blur call for both heads: 2n channels in a single pair of matmuls, at the convolutions'
         # precision (JAX's default: TF32 on recent NVIDIA GPUs, full f32 on CPUs). In full f32 a GPU
         # runs them as SIMT GEMMs (5.5 ms of a 91 ms step on an H200); TF32 moved the released

@@ -12,7 +12,7 @@ import pytest
 
 import lgcn_jax
 from lgcn_jax import network
-from lgcn_jax.batch_norm import BNReLUDropout, bn_relu_dropout
+from lgcn_jax.batch_norm import BNReLUDropout, bn_relu_dropout, fold_into_conv
 from lgcn_jax.loss import heatmap_loss
 from tests.conftest import tiny_config
 
@@ -197,3 +197,48 @@ def test_network_loss_gradients_equal_the_plain_blocks(monkeypatch):
             tol = 1e-4 * float(jnp.abs(g_ref).max())
             assert tol > 0, name
             np.testing.assert_allclose(g, g_ref, rtol=1e-3, atol=tol, err_msg=name)
+
+
+def test_fold_into_conv_equals_conv_batch_norm_relu():
+    """conv -> inference BatchNorm -> ReLU -> scale, against one convolution with the folded kernel and bias + ReLU."""
+    k = jax.random.split(jax.random.key(7), 7)
+    x = jax.random.normal(k[0], (2, 9, 8, 5))
+    kernel, conv_bias = jax.random.normal(k[1], (3, 3, 5, 6)), jax.random.normal(k[2], (6,))
+    scale, bias = 1.0 + 0.5 * jax.random.normal(k[3], (6,)), jax.random.normal(k[4], (6,))
+    mean, var = jax.random.normal(k[5], (6,)), jnp.exp(jax.random.normal(k[6], (6,)))
+    conv = lambda x, w: jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", rhs_dilation=(2, 2),  # noqa: E731
+                                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    want = jax.nn.relu((conv(x, kernel) + conv_bias - mean) / jnp.sqrt(var + EPS) * scale + bias) * SCALE
+    folded_kernel, folded_bias = fold_into_conv(kernel, conv_bias, scale, bias, mean, var, EPS, SCALE)
+    got = jax.nn.relu(conv(x, folded_kernel) + folded_bias)
+    assert float(jnp.mean(want > 0)) > 0.2 and float(jnp.mean(want == 0)) > 0.2  # both sides of the ReLU
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="positive activation_scale"):
+        fold_into_conv(kernel, conv_bias, scale, bias, mean, var, EPS, -0.1)
+
+
+@pytest.mark.parametrize("overrides", [{}, {"dilation_as_phases": False}])
+def test_network_inference_folds_batch_norm(overrides):
+    """model.fold_batch_norm: the same inference output as the unfolded blocks (the released weights'
+    statistics, not init's identity ones), and no element-wise BatchNorm left on the maps; bf16 blocks are not folded."""
+    m = dataclasses.replace(tiny_config().model, **overrides)
+    net = lgcn_jax.init(jax.random.key(0), m)
+    x = jax.random.uniform(jax.random.key(1), (3, 32, 32, 1))
+    net = net.replace(batch_stats=network.batch_statistics(net, x))  # statistics far from mean 0, var 1
+    net = net.replace(params=jax.tree_util.tree_map_with_path(
+        lambda p, v: v + 0.3 * jax.random.normal(jax.random.key(len(jax.tree_util.keystr(p))), v.shape)
+        if jax.tree_util.keystr(p).endswith("['bias']") else v, net.params))  # non-zero conv and BatchNorm biases
+    unfolded = net.replace(config=dataclasses.replace(m, fold_batch_norm=False))
+    want = lgcn_jax.apply(unfolded, x)
+    np.testing.assert_allclose(lgcn_jax.apply(net, x), want, rtol=1e-4, atol=1e-5 * float(jnp.abs(want).max()))
+
+    sides = {32, 32 // m.global_dilation}  # the maps' side, and the global subnet's sub-grids' side
+
+    def map_multiplies(n):  # element-wise products over whole maps (not kernels) in the inference jaxpr
+        eqns = jax.make_jaxpr(lambda x: network.LGCN(n.config).apply(n.variables, x, train=False))(x).jaxpr.eqns
+        return sum(e.primitive.name == "mul" and e.outvars[0].aval.ndim == 4 and e.outvars[0].aval.shape[1] in sides for e in eqns)
+    blocks = m.local_5x5_layers + m.local_3x3_layers + m.global_layers + 1
+    assert map_multiplies(net) < 4 <= blocks <= map_multiplies(unfolded)
+    bf16 = dataclasses.replace(m, compute_dtype="bfloat16")
+    np.testing.assert_array_equal(lgcn_jax.apply(net.replace(config=bf16), x),
+                                  lgcn_jax.apply(net.replace(config=dataclasses.replace(bf16, fold_batch_norm=False)), x))

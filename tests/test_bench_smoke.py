@@ -101,11 +101,11 @@ def test_profile_train_step_tiny(tmp_path):
     np.testing.assert_allclose(g_got, g_want, rtol=1e-5, atol=1e-5 * float(jnp.abs(g_want).max()))
 
     out = tmp_path / "profile.json"
-    r = profile_train_step.main(["--preset", "quick", "--batch", "2", "--repeats", "1", "--parts", "train_step,apply,apply_bf16,train_step_bf16,train_step_unfused_bn",
+    r = profile_train_step.main(["--preset", "quick", "--batch", "2", "--repeats", "1", "--parts", "train_step,apply,apply_unfolded_bn,apply_bf16,train_step_bf16,train_step_unfused_bn",
                                  "--no_cost", "--config", "model.num_filters=4", "model.local_3x3_layers=1",
                                  "model.global_layers=2", "model.kernel_size=9", "data.image_size=16", "--out", str(out)])
     saved = json.loads(out.read_text())
-    assert set(saved["seconds"]) == {"apply", "train_step", "apply_bf16", "train_step_bf16", "train_step_unfused_bn"}
+    assert set(saved["seconds"]) == {"apply", "apply_unfolded_bn", "train_step", "apply_bf16", "train_step_bf16", "train_step_unfused_bn"}
     layers = [row["layer"] for row in saved["layers"]]
     assert "kernel_conv 2L, einsum form (before), DEFAULT prec" in layers and "kernel_conv (blur) 2L" in layers
     assert "BatchNorm+ReLU+dropout F" in layers and "  the same, autodiff" in layers

@@ -180,9 +180,11 @@ def test_workdir_of_another_dataset_is_refused(trained_workdir):
         checkpoint.check_workdir_config(trained_workdir, other)
 
 
-@pytest.mark.parametrize("field, value", [("dilation_as_phases", False), ("compute_dtype", "bfloat16"), ("fused_batch_norm", False)])
+@pytest.mark.parametrize("field, value", [("dilation_as_phases", False), ("compute_dtype", "bfloat16"), ("fused_batch_norm", False),
+                                          ("fold_batch_norm", False)])
 def test_workdir_resumes_with_another_execution_setting(trained_workdir, field, value):
-    """model.dilation_as_phases, compute_dtype and fused_batch_norm change how the network runs, not its weights: no refusal."""
+    """model.dilation_as_phases, compute_dtype, fused_batch_norm and fold_batch_norm change how the network runs, not its
+    weights: no refusal."""
     stored = checkpoint.read_config(trained_workdir)
     assert getattr(stored.model, field) != value
     other = dataclasses.replace(stored, model=dataclasses.replace(stored.model, **{field: value}))
