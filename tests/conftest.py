@@ -22,6 +22,17 @@ from lgcn_jax.config import Config, DataConfig, ModelConfig, TrainConfig
 TINY_SPLITS = {"train": 48, "validation": 16, "test": 16}
 
 
+def all_eqns(jaxpr):
+    """Every equation of a jaxpr and of the jaxprs inside it (pjit, custom_jvp/vjp, ...), in order."""
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for value in eqn.params.values():
+            for v in value if isinstance(value, (tuple, list)) else (value,):
+                inner = getattr(v, "jaxpr", v)  # a ClosedJaxpr holds its Jaxpr
+                if hasattr(inner, "eqns"):
+                    yield from all_eqns(inner)
+
+
 def tiny_config(**train_overrides) -> Config:
     """A network small enough for many unit tests to run in seconds."""
     model = ModelConfig(num_filters=8, local_5x5_layers=1, local_3x3_layers=1, global_layers=1, global_dilation=2,

@@ -14,7 +14,7 @@ import lgcn_jax
 from lgcn_jax import network
 from lgcn_jax.batch_norm import BNReLUDropout, bn_relu_dropout, fold_into_conv
 from lgcn_jax.loss import heatmap_loss
-from tests.conftest import tiny_config
+from tests.conftest import all_eqns, tiny_config
 
 EPS, SCALE, KEEP = 1e-5, 0.1, 0.9
 
@@ -235,7 +235,7 @@ def test_network_inference_folds_batch_norm(overrides):
     sides = {32, 32 // m.global_dilation}  # the maps' side, and the global subnet's sub-grids' side
 
     def map_multiplies(n):  # element-wise products over whole maps (not kernels) in the inference jaxpr
-        eqns = jax.make_jaxpr(lambda x: network.LGCN(n.config).apply(n.variables, x, train=False))(x).jaxpr.eqns
+        eqns = all_eqns(jax.make_jaxpr(lambda x: network.LGCN(n.config).apply(n.variables, x, train=False))(x).jaxpr)
         return sum(e.primitive.name == "mul" and e.outvars[0].aval.ndim == 4 and e.outvars[0].aval.shape[1] in sides for e in eqns)
     blocks = m.local_5x5_layers + m.local_3x3_layers + m.global_layers + 1
     assert map_multiplies(net) < 4 <= blocks <= map_multiplies(unfolded)

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from lgcn_jax.kernel_conv import Kernel, gaussian_mixture_kernel, kernel_conv, kernel_conv_direct
+from tests.conftest import all_eqns
 
 
 def rel(a, b):
@@ -97,17 +98,8 @@ def test_no_layout_transpose_of_the_maps():
     einsum form's transposes moved twice the blur's bytes; bench/gpu_hlo_offline.py.)  Forward only:
     autodiff writes the backward matmuls' operand orders as transposes, which XLA folds into them."""
     x = jnp.ones((2, 24, 20, 3))
-    eqns = list(_all_eqns(jax.make_jaxpr(lambda x: kernel_conv(x, KERNELS["lgcn45"]))(x).jaxpr))
+    eqns = list(all_eqns(jax.make_jaxpr(lambda x: kernel_conv(x, KERNELS["lgcn45"]))(x).jaxpr))
     moved = [e for e in eqns if e.primitive.name == "transpose" and e.outvars[0].aval.size >= x.size]
     assert not moved, moved
     assert sum(e.primitive.name == "dot_general" for e in eqns) == 2
 
-
-def _all_eqns(jaxpr):
-    """Every equation of a jaxpr and of the jaxprs inside it (jit, custom rules)."""
-    for e in jaxpr.eqns:
-        yield e
-        for p in e.params.values():
-            inner = getattr(p, "jaxpr", p)  # a ClosedJaxpr holds its Jaxpr
-            if hasattr(inner, "eqns"):
-                yield from _all_eqns(inner)

@@ -9,7 +9,7 @@ import lgcn_jax
 from lgcn_jax import network
 from lgcn_jax.config import ModelConfig, get_config
 from lgcn_jax.loss import heatmap_loss
-from tests.conftest import tiny_config
+from tests.conftest import all_eqns, tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -157,20 +157,7 @@ def test_network_blur_runs_at_default_matmul_precision(params):
 
 def _conv_input_dtypes(fn, *args) -> list[str]:
     """The dtype of the input of every convolution ``fn`` traces, in order."""
-    found = []
-
-    def walk(jaxpr):
-        for eqn in jaxpr.eqns:
-            if eqn.primitive.name == "conv_general_dilated":
-                found.append(str(eqn.invars[0].aval.dtype))
-            for value in eqn.params.values():  # pjit, custom_jvp, ...: their inner jaxprs
-                for v in value if isinstance(value, (tuple, list)) else (value,):
-                    inner = getattr(v, "jaxpr", v)
-                    if hasattr(inner, "eqns"):
-                        walk(inner)
-
-    walk(jax.make_jaxpr(fn)(*args).jaxpr)
-    return found
+    return [str(e.invars[0].aval.dtype) for e in all_eqns(jax.make_jaxpr(fn)(*args).jaxpr) if e.primitive.name == "conv_general_dilated"]
 
 
 def test_bf16_compute_runs_the_blocks_in_bf16_and_stays_close_to_f32():
