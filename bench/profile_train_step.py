@@ -170,11 +170,14 @@ def main(argv=None) -> dict:
         finally:
             state = state.replace(net=state.net.replace(config=m))
 
+    def apply_with(**execution):  # inference run another way, same weights
+        return median_time(lgcn_jax.apply, state.net.replace(config=dataclasses.replace(cfg.model, **execution)), images,
+                           repeats=args.repeats)
+
     # Every timer reads state.net when it runs: train_step donates the arrays of the state it is given.
     timers = {"apply": lambda: median_time(lgcn_jax.apply, state.net, images, repeats=args.repeats),
               # BatchNorm not folded into the convolutions for inference (model.fold_batch_norm=false)
-              "apply_unfolded_bn": lambda: median_time(lgcn_jax.apply, state.net.replace(config=dataclasses.replace(m, fold_batch_norm=False)),
-                                                       images, repeats=args.repeats),
+              "apply_unfolded_bn": lambda: apply_with(fold_batch_norm=False),
               "forward_train_mode": lambda: median_time(fwd_train, state.net, images, repeats=args.repeats),
               "loss_and_grads": lambda: median_time(grad_fn, state.net.params, state.net, batch, jax.random.key(0), loss_scale, repeats=args.repeats),
               "train_step": lambda: median_time(lambda: steps(batch, None), repeats=args.repeats),
@@ -184,8 +187,7 @@ def main(argv=None) -> dict:
               # BatchNorm -> ReLU -> dropout left to autodiff (model.fused_batch_norm=false)
               "train_step_unfused_bn": lambda: step_with(fused_batch_norm=False),
               # bf16 convolution blocks (model.compute_dtype)
-              "apply_bf16": lambda: median_time(lgcn_jax.apply, state.net.replace(config=dataclasses.replace(m, compute_dtype="bfloat16")),
-                                                images, repeats=args.repeats),
+              "apply_bf16": lambda: apply_with(compute_dtype="bfloat16"),
               "train_step_bf16": lambda: step_with(compute_dtype="bfloat16")}
     m = cfg.model
     if not (m.dilation_as_phases and m.global_dilation > 1 and s % m.global_dilation == 0):

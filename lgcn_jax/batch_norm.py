@@ -24,7 +24,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-__all__ = ["bn_relu_dropout", "BNReLUDropout"]
+__all__ = ["bn_relu_dropout", "fold_into_conv", "BNReLUDropout"]
 
 
 def _stats(xf: jax.Array) -> tuple[jax.Array, jax.Array]:

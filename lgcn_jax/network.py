@@ -57,7 +57,7 @@ class LGCN(nn.Module):
             params, stats = self.variables["params"], self.variables["batch_stats"]
             c, b, s = params[f"{name}_conv"], params[f"{name}_bn"], stats[f"{name}_bn"]
             kernel, bias = fold_into_conv(c["kernel"], c["bias"], b["scale"], b["bias"], s["mean"], s["var"], m.bn_epsilon, m.activation_scale)
-            y = jax.lax.conv_general_dilated(x.astype(jnp.float32), kernel, (1, 1), "SAME", rhs_dilation=(dilation, dilation),
+            y = jax.lax.conv_general_dilated(x, kernel, (1, 1), "SAME", rhs_dilation=(dilation, dilation),
                                              dimension_numbers=("NHWC", "HWIO", "NHWC"))
             return jnp.maximum(y + bias, 0.0)
 
