@@ -87,6 +87,12 @@ def main(argv=None) -> int:
         return 2
     decoder = ("argmax" if args.no_shape_model else "shape_model") + (" + flip_test" if config.postprocess.flip_test else "")
     suffix = ("_argmax" if args.no_shape_model else "") + ("_flip" if config.postprocess.flip_test else "")
+    # How the numbers were computed, beyond the weights: every execution field (each changes per-image NME slightly)
+    # and the device (a GPU's convolutions run in TF32).
+    import jax
+
+    execution_record = {**{name: getattr(config.model, name) for name in sorted(EXECUTION_FIELDS)},
+                        "backend": jax.default_backend(), "device_kind": jax.devices()[0].device_kind, "jax": jax.__version__}
     reports = {}
     for split, d in data.items():
         try:
@@ -95,7 +101,8 @@ def main(argv=None) -> int:
             print(f"run_eval.py: error: {e}", file=sys.stderr)
             return 2
         rep = {"split": split, "dataset": config.data.dataset, "checkpoint": os.path.abspath(path), "decoder": decoder,
-               "compute_dtype": config.model.compute_dtype, "postprocess": dataclasses.asdict(config.postprocess), "num_faces": int(len(pred))}
+               "compute_dtype": config.model.compute_dtype, "execution": execution_record, "postprocess": dataclasses.asdict(config.postprocess),
+               "num_faces": int(len(pred))}
         rep.update(evaluation.evaluate_landmarks(pred, d["landmarks"]))
         if "file_name" in d:
             rep["file_names"] = [str(f) for f in d["file_name"]]  # aligned with the per_image lists
