@@ -267,7 +267,7 @@ def test_run_eval_in_bf16(synthetic_data_dir, tmp_path, capsys):
         reps[dtype] = json.loads((tmp_path / dtype / "eval_test.json").read_text())
         assert reps[dtype]["compute_dtype"] == dtype
         execution = reps[dtype]["execution"]
-        assert execution["compute_dtype"] == dtype and execution["fold_batch_norm"] is False and execution["backend"] == "cpu"
+        assert execution["compute_dtype"] == dtype and execution["fold_batch_norm"] is False and execution["backend"] == jax.default_backend()
         assert {"dilation_as_phases", "fused_batch_norm", "device_kind", "jax"} <= set(execution)
     a, b = (np.array(reps[d]["inter_ocular"]["per_image"]) for d in ("float32", "bfloat16"))
     assert not np.array_equal(a, b) and abs(a.mean() - b.mean()) < 0.05 * a.mean(), (a.mean(), b.mean())
