@@ -63,7 +63,8 @@ def main(argv=None) -> int:
             raise ValueError(f"only postprocess.*, data.* and how the network runs ({', '.join(e[:-1] for e in execution)}) "
                              f"can be overridden at evaluation, not {bad}")
         config = lgcn_jax.apply_overrides(model.config, overrides)
-        model = model.with_execution(**{name: getattr(config.model, name) for name in EXECUTION_FIELDS})
+        settings = {name: getattr(config.model, name) for name in sorted(EXECUTION_FIELDS)}
+        model = model.with_execution(**settings)
         if args.no_shape_model:
             config = dataclasses.replace(config, postprocess=dataclasses.replace(config.postprocess, use_shape_model=False))
         model = model._replace(config=config, shape_model=None if args.no_shape_model else model.shape_model)
@@ -91,8 +92,7 @@ def main(argv=None) -> int:
     # and the device (a GPU's convolutions run in TF32).
     import jax
 
-    execution_record = {**{name: getattr(config.model, name) for name in sorted(EXECUTION_FIELDS)},
-                        "backend": jax.default_backend(), "device_kind": jax.devices()[0].device_kind, "jax": jax.__version__}
+    execution_record = {**settings, "backend": jax.default_backend(), "device_kind": jax.devices()[0].device_kind, "jax": jax.__version__}
     reports = {}
     for split, d in data.items():
         try:
