@@ -102,4 +102,3 @@ def test_no_layout_transpose_of_the_maps():
     moved = [e for e in eqns if e.primitive.name == "transpose" and e.outvars[0].aval.size >= x.size]
     assert not moved, moved
     assert sum(e.primitive.name == "dot_general" for e in eqns) == 2
-
