@@ -2,11 +2,10 @@
 
     python bench/bench_train.py [--preset quick] [--dataset synthetic --data_dir DIR] [--steps 10]
 
-Times ``train_step`` on device-resident batches (images/s consumed) and, separately,
-the input pipeline (examples/s produced), in the same run: tf.data with augmentation where
-TensorFlow is installed, else NumPy batches whose augmentation runs inside the timed step
-(``data.pipeline``; synthetic faces are then generated in memory unless ``--data_dir`` is an
-array export).  Writes bench/results_train.json.
+Times ``train_step`` on device-resident batches (images/s consumed; the augmentation runs inside
+the timed step) and, separately, the input stream (examples/s produced), in the same run: tf.data
+where TensorFlow is installed, else NumPy batches (``data.pipeline``; synthetic faces are then
+generated in memory unless ``--data_dir`` is an array export).  Writes bench/results_train.json.
 """
 
 from __future__ import annotations
@@ -21,13 +20,13 @@ from common import machine, write_results
 import jax
 
 import lgcn_jax
-from lgcn_jax import input_pipeline
+from lgcn_jax import datasets, input_pipeline
 
 
 def _stream(data, cfg, batch: int, pipeline: str):
-    if pipeline == "tf":
-        return input_pipeline.train_dataset(data, cfg.data, batch, seed=0).as_numpy_iterator(), None
-    return input_pipeline.array_batches(data, batch, seed=0), cfg.data
+    """The raw training stream; the step augments on the device either way."""
+    stream = input_pipeline.tf_batches if pipeline == "tf" else input_pipeline.array_batches
+    return stream(data, batch, seed=0), cfg.data
 
 
 def pipeline_rate(data, cfg, batch: int, batches: int, pipeline: str) -> float:
@@ -74,8 +73,8 @@ def main(argv=None) -> dict:
     pipeline = input_pipeline.resolve_pipeline(cfg.data)
     source = "train split"
     try:
-        data = input_pipeline.load_split(cfg.data, "train")
-    except input_pipeline.DatasetError:
+        data = datasets.load_split(cfg.data, "train")
+    except datasets.DatasetError:
         if cfg.data.dataset != "synthetic" or pipeline == "tf":
             raise
         # No TensorFlow to build or read the TFDS set (e.g. a GPU box): the same faces, generated here.

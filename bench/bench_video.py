@@ -24,7 +24,8 @@ import numpy as np
 from PIL import Image
 
 import lgcn_jax
-from lgcn_jax.video import annotate_video
+from lgcn_jax.annotate import annotate_video
+from lgcn_jax.release import resolve_model
 
 PHOTO = os.path.join(os.path.dirname(matplotlib.__file__), "mpl-data", "sample_data", "grace_hopper.jpg")
 
@@ -47,15 +48,14 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--frames", type=int, default=120)
     p.add_argument("--size", default="640x480")
-    p.add_argument("--checkpoint", help="released weights by name (e.g. 300w_cpu) or a checkpoint folder; default: load_pretrained()'s")
+    p.add_argument("--checkpoint", help="released weights by name (e.g. 300w_cpu) or a checkpoint folder; default: this machine's "
+                                        "(lgcn_jax.release.default_weights)")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results_video.json"))
     args = p.parse_args(argv)
     width, height = (int(v) for v in args.size.split("x"))
     frames = clip(args.frames, width, height)
-    from lgcn_jax.predict import PRETRAINED, checkpoint_path
-
-    weights = args.checkpoint or PRETRAINED
-    model = lgcn_jax.load_model(checkpoint_path(args.checkpoint))
+    model = resolve_model(args.checkpoint)
+    weights = model.name
     list(lgcn_jax.track(frames[:12], model))  # compile every shape once
     lgcn_jax.detect(frames[0], model)
     t = time.perf_counter()

@@ -35,16 +35,11 @@ from lgcn_jax import crop as crop_lib
 from lgcn_jax import metrics
 from lgcn_jax.detect import landmarks
 from lgcn_jax.image_io import load_gray
-from lgcn_jax.predict import PRETRAINED
+from lgcn_jax.release import PRETRAINED
+from data_prep.layout_300w import read_pts
 
 SUBSETS = ("helen/testset", "lfpw/testset")
 PHOTO = os.path.join(os.path.dirname(matplotlib.__file__), "mpl-data", "sample_data", "grace_hopper.jpg")
-
-
-def read_pts(path: str) -> np.ndarray:
-    with open(path) as f:
-        text = f.read()
-    return np.array(text.split("{")[1].split("}")[0].split(), np.float64).reshape(68, 2) - 1.0
 
 
 def nme(points, truth) -> float:
@@ -53,13 +48,9 @@ def nme(points, truth) -> float:
 
 
 def nearest(candidates: list[np.ndarray], truth: np.ndarray):
-    """The candidate landmark set whose box centre is nearest the truth's, if within 0.3 face sizes."""
-    lo, hi = truth.min(0), truth.max(0)
-    c, size = (lo + hi) / 2, float((hi - lo).max())
-    best = min(candidates, key=lambda p: np.linalg.norm((p.min(0) + p.max(0)) / 2 - c), default=None)
-    if best is None or np.linalg.norm((best.min(0) + best.max(0)) / 2 - c) > 0.3 * size:
-        return None
-    return best
+    """The candidate landmark set that is the annotated face (``metrics.match_face``), or None."""
+    k = metrics.match_face(candidates, truth)
+    return None if k is None else candidates[k]
 
 
 def from_ground_truth(model, gray: np.ndarray, truth: np.ndarray) -> np.ndarray:

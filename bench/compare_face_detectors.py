@@ -44,6 +44,8 @@ from common import current_rss_mib, machine, peak_rss_mib
 
 import numpy as np
 
+from data_prep.layout_300w import read_pts
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SUBSETS = ["afw", "helen/trainset", "lfpw/trainset", "helen/testset", "lfpw/testset"]
 COMMON = ("helen/testset", "lfpw/testset")
@@ -61,12 +63,6 @@ RULE = ("match: |c_det - c_lm| <= 0.3 L and 0.5 <= max(w_det, h_det)/L <= 2, L =
 
 
 # ----------------------------------------------------------------------------------------------- data
-def read_pts(path):
-    """68 points in 0-indexed pixel-centre coordinates (the .pts files count from 1)."""
-    with open(path) as f:
-        return np.array(f.read().split("{")[1].split("}")[0].split(), np.float64).reshape(-1, 2) - 1.0
-
-
 def lm_box(p):
     lo, hi = p.min(0), p.max(0)
     return (lo + hi) / 2, float((hi - lo).max())

@@ -16,7 +16,7 @@ layout transposes, and XLA's element-wise (kLoop) and reduction (kInput) fusions
 transpose kernels are memory-bound, so their bytes are what their time follows; on the H200 trace
 of the step (bench/results_profile.json, commit 3fdc0de) the element-wise and reduction fusions
 moved 80.9 GB by this count in 23.1 ms (3.5 TB/s).  Each ``--variant`` (execution fields of the model, e.g.
-``model.fused_batch_norm=false``) is compiled in the same run for a ratio against the default.
+``execution.fused_batch_norm=false``) is compiled in the same run for a ratio against the default.
 Writes bench/results_gpu_hlo_offline.json (``_apply.json`` for apply).  No timing: this says what moves, not how fast.
 """
 
@@ -125,7 +125,7 @@ def compile_text(function: str, cfg, batch: int, target_config: str) -> str:
     import jax.numpy as jnp
     from jax.experimental import topologies
 
-    from lgcn_jax import network, train
+    from lgcn_jax import network, step, train_state
 
     topology = topologies.get_topology_desc(platform="cuda", target_config=target_config, topology="1x1x1")
     sharding = jax.sharding.SingleDeviceSharding(topology.devices[0])
@@ -135,10 +135,10 @@ def compile_text(function: str, cfg, batch: int, target_config: str) -> str:
     if function == "apply":
         net = jax.eval_shape(lambda: network.init(jax.random.key(0), cfg))
         return network._apply.lower(on_gpu(net), images).compile().as_text()
-    state = jax.eval_shape(lambda: train.create_train_state(cfg))
+    state = jax.eval_shape(lambda: train_state.create_train_state(cfg))
     batch_spec = {"image": images,
                   "landmarks": jax.ShapeDtypeStruct((batch, cfg.model.num_landmarks, 2), jnp.float32, sharding=sharding)}
-    lowered = train._train_step.lower(on_gpu(state), batch_spec, cfg.train.loss_scale, None)
+    lowered = step._train_step.lower(on_gpu(state), batch_spec, cfg.train.loss_scale, None)
     return lowered.compile().as_text()
 
 
@@ -149,7 +149,7 @@ def main(argv=None) -> dict:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--function", choices=("train_step", "apply"), default="train_step")
     p.add_argument("--variant", action="append", default=[],
-                   help="comma-separated overrides compiled beside the default, e.g. model.fused_batch_norm=false")
+                   help="comma-separated overrides compiled beside the default, e.g. execution.fused_batch_norm=false")
     p.add_argument("--target", default=os.path.join(HERE, "gpu_specs", "h200.txtpb"), help="XLA GPU target description")
     p.add_argument("--top", type=int, default=10, help="list the largest kernels that are not convolutions or matmuls")
     p.add_argument("--hlo_dir", help="also write each compiled module's HLO text here")

@@ -4,11 +4,11 @@
 
 Times, after warm-up and as medians, on this machine's first device:
   * the whole step: ``apply`` (inference; also with BatchNorm not folded into the convolutions,
-    ``model.fold_batch_norm=false``), the training-mode forward, loss + gradients, the full
+    ``execution.fold_batch_norm=false``), the training-mode forward, loss + gradients, the full
     ``train_step``, ``train_step`` with the on-device augmentation of the TF-free pipeline,
     ``train_step`` with the global subnet as dilated convolutions instead of on sub-grids,
-    ``train_step`` with BatchNorm -> ReLU -> dropout left to autodiff (``model.fused_batch_norm=false``),
-    and ``apply`` and ``train_step`` with bf16 convolution blocks (``model.compute_dtype``);
+    ``train_step`` with BatchNorm -> ReLU -> dropout left to autodiff (``execution.fused_batch_norm=false``),
+    and ``apply`` and ``train_step`` with bf16 convolution blocks (``execution.compute_dtype``);
   * every kind of layer of the network on its own, forward, input gradient (dx) and weight
     gradient (dw), times the number of such layers: the 5x5 and 3x3 local convolutions, the
     dilated global ones (also as plain convolutions on sub-grids), the blur (``kernel_conv``; also
@@ -34,7 +34,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import lgcn_jax
-from lgcn_jax import network, train
+from lgcn_jax import network, step
+from lgcn_jax.train_state import create_train_state
 from lgcn_jax.batch_norm import BNReLUDropout
 from lgcn_jax.config import DataConfig
 
@@ -93,7 +94,7 @@ def layer_breakdown(cfg, b: int) -> list[dict]:
         d = m.global_dilation
         add(f"conv3x3 dil{d} 2L->F", 1, _conv(d), (b, s, s, 2 * n), (3, 3, 2 * n, f))
         add(f"conv3x3 dil{d} F->F", m.global_layers - 1, _conv(d), (b, s, s, f), (3, 3, f, f))
-        if s % d == 0:  # what the network runs instead (model.dilation_as_phases); here transformed per layer
+        if s % d == 0:  # what the network runs instead (execution.dilation_as_phases); here transformed per layer
             add(f"conv3x3 dil{d} F->F on phases", m.global_layers - 1,
                 lambda x, w: network.from_phases(_conv(1)(network.to_phases(x, d), w), d), (b, s, s, f), (3, 3, f, f))
     kernel = network.model_kernel(m)
@@ -148,9 +149,9 @@ def main(argv=None) -> dict:
     raw = {"image": jnp.asarray((rng.random((b, s, s, 1)) * 255).astype(np.uint8)), "landmarks": landmarks,
            "example": jnp.arange(b, dtype=jnp.int32)}
     batch = {"image": images, "landmarks": landmarks}
-    state = train.create_train_state(cfg)
+    state = create_train_state(cfg)
     loss_scale = cfg.train.loss_scale
-    grad_fn = jax.jit(jax.value_and_grad(train.loss, has_aux=True), static_argnums=4)
+    grad_fn = jax.jit(jax.value_and_grad(step.loss, has_aux=True), static_argnums=4)
     fwd_train = jax.jit(lambda n, x: network.apply_train(n, x, jax.random.key(0))[1])
     parts = set(args.parts.split(",")) if args.parts else set(PARTS)
     if parts - set(PARTS):
@@ -158,39 +159,39 @@ def main(argv=None) -> dict:
 
     def steps(batch, augment):
         nonlocal state
-        state, m = train.train_step(state, batch, loss_scale, augment)
+        state, m = step.train_step(state, batch, loss_scale, augment)
         return m
 
-    def step_with(**execution):  # the step run another way (config.EXECUTION_FIELDS), same weights
+    def step_with(**execution):  # the step run another way (ExecutionConfig), same weights
         nonlocal state
-        m = cfg.model
-        state = state.replace(net=state.net.replace(config=dataclasses.replace(m, **execution)))
+        run = state.net.execution
+        state = state.replace(net=state.net.with_execution(dataclasses.replace(run, **execution)))
         try:
             return median_time(lambda: steps(batch, None), repeats=args.repeats)
         finally:
-            state = state.replace(net=state.net.replace(config=m))
+            state = state.replace(net=state.net.with_execution(run))
 
     def apply_with(**execution):  # inference run another way, same weights
-        return median_time(lgcn_jax.apply, state.net.replace(config=dataclasses.replace(cfg.model, **execution)), images,
+        return median_time(lgcn_jax.apply, state.net.with_execution(dataclasses.replace(state.net.execution, **execution)), images,
                            repeats=args.repeats)
 
     # Every timer reads state.net when it runs: train_step donates the arrays of the state it is given.
     timers = {"apply": lambda: median_time(lgcn_jax.apply, state.net, images, repeats=args.repeats),
-              # BatchNorm not folded into the convolutions for inference (model.fold_batch_norm=false)
+              # BatchNorm not folded into the convolutions for inference (execution.fold_batch_norm=false)
               "apply_unfolded_bn": lambda: apply_with(fold_batch_norm=False),
               "forward_train_mode": lambda: median_time(fwd_train, state.net, images, repeats=args.repeats),
               "loss_and_grads": lambda: median_time(grad_fn, state.net.params, state.net, batch, jax.random.key(0), loss_scale, repeats=args.repeats),
               "train_step": lambda: median_time(lambda: steps(batch, None), repeats=args.repeats),
               "train_step_device_augment": lambda: median_time(lambda: steps(raw, DataConfig(image_size=s)), repeats=args.repeats),
-              # the global subnet as dilated convolutions (model.dilation_as_phases=false)
+              # the global subnet as dilated convolutions (execution.dilation_as_phases=false)
               "train_step_dilated_convs": lambda: step_with(dilation_as_phases=False),
-              # BatchNorm -> ReLU -> dropout left to autodiff (model.fused_batch_norm=false)
+              # BatchNorm -> ReLU -> dropout left to autodiff (execution.fused_batch_norm=false)
               "train_step_unfused_bn": lambda: step_with(fused_batch_norm=False),
-              # bf16 convolution blocks (model.compute_dtype)
+              # bf16 convolution blocks (execution.compute_dtype)
               "apply_bf16": lambda: apply_with(compute_dtype="bfloat16"),
               "train_step_bf16": lambda: step_with(compute_dtype="bfloat16")}
     m = cfg.model
-    if not (m.dilation_as_phases and m.global_dilation > 1 and s % m.global_dilation == 0):
+    if not (cfg.execution.dilation_as_phases and m.global_dilation > 1 and s % m.global_dilation == 0):
         parts.discard("train_step_dilated_convs")  # the network runs dilated convolutions anyway
     r = {k: timers[k]() for k in PARTS if k in parts}
     result = {"machine": machine(), "preset": args.preset, "overrides": args.config, "batch": b, "image_size": s,
@@ -198,7 +199,7 @@ def main(argv=None) -> dict:
               "over_apply": {k: v / r["apply"] for k, v in r.items()} if "apply" in r else {},
               "xla_cost": {} if args.no_cost else {
                   "apply": cost(lgcn_jax.apply, state.net, images),
-                  "loss_and_grads": cost(lambda p: jax.value_and_grad(train.loss, has_aux=True)(p, state.net, batch, jax.random.key(0), loss_scale),
+                  "loss_and_grads": cost(lambda p: jax.value_and_grad(step.loss, has_aux=True)(p, state.net, batch, jax.random.key(0), loss_scale),
                                          state.net.params)}}
     print(f"{result['machine']['device']}  {args.preset}  batch {b}  {s} px")
     for k, v in r.items():

@@ -33,8 +33,8 @@ import re
 import numpy as np
 import tensorflow_datasets as tfds
 
-from data_prep.layout_300w import (OFFICIAL_FOLDER_SIZES, OFFICIAL_SIZES, SUBSETS, absent_split_message, folder_report,
-                                   missing_folders)
+from data_prep.layout_300w import (OFFICIAL_FOLDER_SIZES, OFFICIAL_SIZES, SUBSETS, BadFileError, absent_split_message, folder_report,
+                                   missing_folders, read_pts)
 from lgcn_jax import crop as crop_lib
 from lgcn_jax.image_io import ImageError, load_gray
 from lgcn_jax.landmarks68 import NUM_POINTS
@@ -51,35 +51,6 @@ if __name__ == "__main__":
     raise SystemExit(_main())
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
-
-
-class BadFileError(ValueError):
-    """A 300-W file cannot be used; the message names it."""
-
-
-def read_pts(path: str) -> np.ndarray:
-    """f32[68, 2] 0-indexed (x, y) points of an iBUG .pts file (which counts from 1)."""
-    try:
-        with open(path, encoding="utf-8", errors="strict") as f:
-            text = f.read()
-    except (OSError, UnicodeDecodeError) as e:
-        raise BadFileError(f"{path}: cannot read ({e})") from e
-    m = re.search(r"n_points\s*:\s*(\d+)", text)
-    body = re.search(r"\{([^}]*)\}", text, re.S)
-    if not m or not body:
-        raise BadFileError(f"{path}: not an iBUG .pts file (expected 'n_points: 68' and the points between '{{' and '}}')")
-    declared = int(m.group(1))
-    rows = [r.split() for r in body.group(1).strip().splitlines() if r.strip()]
-    if declared != NUM_POINTS or len(rows) != NUM_POINTS:
-        raise BadFileError(f"{path}: has {len(rows)} points (header says {declared}); 300-W faces have {NUM_POINTS}")
-    try:
-        pts = np.array([[float(a), float(b)] for a, b in rows], np.float64)
-    except ValueError as e:
-        raise BadFileError(f"{path}: a point is not two numbers ({e})") from e
-    if not np.all(np.isfinite(pts)):
-        bad = int(np.nonzero(~np.all(np.isfinite(pts), axis=1))[0][0])
-        raise BadFileError(f"{path}: point {bad + 1} is not finite ({rows[bad]})")
-    return (pts - 1.0).astype(np.float32)
 
 
 def _image_for(pts_path: str) -> str:

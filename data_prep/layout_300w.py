@@ -1,10 +1,16 @@
-"""The 300-W folder layout and split sizes (no TensorFlow needed: the array export path reads it too)."""
+"""The 300-W folder layout, split sizes and .pts files (no TensorFlow needed: the array export path and the
+benchmarks read it too)."""
 
 from __future__ import annotations
 
 import os
+import re
 
-__all__ = ["SUBSETS", "OFFICIAL_SIZES", "OFFICIAL_FOLDER_SIZES", "missing_folders", "folder_report", "absent_split_message"]
+import numpy as np
+
+from lgcn_jax.landmarks68 import NUM_POINTS
+
+__all__ = ["BadFileError", "read_pts", "SUBSETS", "OFFICIAL_SIZES", "OFFICIAL_FOLDER_SIZES", "missing_folders", "folder_report", "absent_split_message"]
 
 SUBSETS = {
     "train": ("afw", "helen/trainset", "lfpw/trainset"),
@@ -51,3 +57,32 @@ def absent_split_message(split: str, data_dir: str) -> str:
     return (f"the 300-W split {split!r} is not in the build under {data_dir}: it needs {folders} in the --manual_dir. "
             f"Add {'that folder' if len(SUBSETS[split]) == 1 else 'those folders'} and rebuild with "
             f"`python -m data_prep.build_300w --manual_dir PATH/TO/300W --data_dir {data_dir} --overwrite`")
+
+
+class BadFileError(ValueError):
+    """A 300-W file cannot be used; the message names it."""
+
+
+def read_pts(path: str) -> np.ndarray:
+    """f32[68, 2] 0-indexed (x, y) points of an iBUG .pts file (which counts from 1)."""
+    try:
+        with open(path, encoding="utf-8", errors="strict") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise BadFileError(f"{path}: cannot read ({e})") from e
+    m = re.search(r"n_points\s*:\s*(\d+)", text)
+    body = re.search(r"\{([^}]*)\}", text, re.S)
+    if not m or not body:
+        raise BadFileError(f"{path}: not an iBUG .pts file (expected 'n_points: 68' and the points between '{{' and '}}')")
+    declared = int(m.group(1))
+    rows = [r.split() for r in body.group(1).strip().splitlines() if r.strip()]
+    if declared != NUM_POINTS or len(rows) != NUM_POINTS:
+        raise BadFileError(f"{path}: has {len(rows)} points (header says {declared}); 300-W faces have {NUM_POINTS}")
+    try:
+        pts = np.array([[float(a), float(b)] for a, b in rows], np.float64)
+    except ValueError as e:
+        raise BadFileError(f"{path}: a point is not two numbers ({e})") from e
+    if not np.all(np.isfinite(pts)):
+        bad = int(np.nonzero(~np.all(np.isfinite(pts), axis=1))[0][0])
+        raise BadFileError(f"{path}: point {bad + 1} is not finite ({rows[bad]})")
+    return (pts - 1.0).astype(np.float32)

@@ -9,14 +9,19 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import typing
 from typing import Any, Mapping, Sequence
+
+from lgcn_jax.errors import CheckpointError
+from lgcn_jax.files import atomic_path
 
 __all__ = [
     "ModelConfig",
     "TrainConfig",
     "DataConfig",
     "PostprocessConfig",
+    "ExecutionConfig",
     "Config",
     "PRESETS",
     "EXECUTION_FIELDS",
@@ -24,6 +29,9 @@ __all__ = [
     "apply_overrides",
     "config_to_dict",
     "config_from_dict",
+    "read_config",
+    "write_config",
+    "CONFIG_FILE",
 ]
 
 
@@ -50,6 +58,13 @@ class ModelConfig:
     bn_momentum: float = 0.0
     bn_epsilon: float = 1e-5
     init_scale: float = 0.141421  # multiplies the He-normal std of every conv
+
+
+@dataclasses.dataclass(frozen=True)
+class ExecutionConfig:
+    """How the network runs, not what it computes: a checkpoint made with any of these settings restores,
+    resumes, fine-tunes and evaluates with any other (the same weights; the results differ by float rounding)."""
+
     # How the dilated global convolutions run, not what they compute: True runs the global subnet on
     # the dilation x dilation interleaved sub-grids of its input as separate images (plain 3x3 convs;
     # when the map side divides by the dilation), False uses dilated convolutions.  Same function and
@@ -71,9 +86,8 @@ class ModelConfig:
     fold_batch_norm: bool = True
 
 
-# ModelConfig fields that choose how the network runs, not its function or weights: a checkpoint
-# made with one value restores, resumes and evaluates with any other.
-EXECUTION_FIELDS = frozenset({"dilation_as_phases", "compute_dtype", "fused_batch_norm", "fold_batch_norm"})
+# The fields of ExecutionConfig; configs written before it existed keep them in their "model" section.
+EXECUTION_FIELDS = frozenset(f.name for f in dataclasses.fields(ExecutionConfig))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,9 +138,9 @@ class DataConfig:
     flip: bool = True
     brightness_delta: float = 0.15
     contrast_range: tuple[float, float] = (0.7, 1.3)
-    num_parallel_calls: int = -1  # tf.data.AUTOTUNE
-    # Training stream: "tf" (tf.data, augments on the CPU), "jax" (no TensorFlow: NumPy batches,
-    # augmented on the device inside the step) or "auto" (tf where TensorFlow is installed).
+    num_parallel_calls: int = -1  # threads of the tf.data stream (-1: tf.data.AUTOTUNE)
+    # Training stream: "tf" (tf.data gathers and prefetches on its threads), "jax" (NumPy, no TensorFlow)
+    # or "auto" (tf where TensorFlow is installed); either way the step augments on the device.
     pipeline: str = "auto"
     # 300-W: faces held out of train (whole photos, picked by a hash of the file name) on which
     # the best checkpoint is selected; the test subsets are never used for selection.  0: no holdout
@@ -170,6 +184,7 @@ class Config:
     train: TrainConfig = TrainConfig()
     data: DataConfig = DataConfig()
     postprocess: PostprocessConfig = PostprocessConfig()
+    execution: ExecutionConfig = ExecutionConfig()
 
 
 def _quick() -> Config:
@@ -271,6 +286,8 @@ def apply_overrides(config: Config, overrides: Sequence[str]) -> Config:
         if len(parts) != 2 or parts[0] not in sections:
             raise ValueError(f"unknown config key {key!r}; keys look like section.field with section in {sorted(sections)}")
         section_name, field_name = parts
+        if section_name == "model" and field_name in EXECUTION_FIELDS:
+            section_name = "execution"  # the spelling of configs before ExecutionConfig
         section = getattr(config, section_name)
         hints = typing.get_type_hints(type(section))
         if field_name not in hints:
@@ -298,8 +315,8 @@ def validate(config: Config) -> None:
     for name in ("num_filters", "num_landmarks"):
         if getattr(m, name) < 1:
             raise ValueError(f"model.{name} must be positive")
-    if m.compute_dtype not in ("float32", "bfloat16"):
-        raise ValueError(f"model.compute_dtype must be 'float32' or 'bfloat16', got {m.compute_dtype!r}")
+    if config.execution.compute_dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"execution.compute_dtype must be 'float32' or 'bfloat16', got {config.execution.compute_dtype!r}")
     if d.pipeline not in ("auto", "tf", "jax"):
         raise ValueError(f"data.pipeline must be 'auto', 'tf' or 'jax', got {d.pipeline!r}")
     if d.validation_faces < 0:
@@ -347,16 +364,20 @@ def _check_stored(value: Any, typ: Any, key: str) -> Any:
 
 def config_from_dict(d: Mapping[str, Any]) -> Config:
     """A Config from ``config_to_dict``'s output (e.g. a stored config.json): unknown fields, values of
-    the wrong type and invalid values raise ValueError naming the field."""
-    unknown = set(d) - {f.name for f in dataclasses.fields(Config)}
+    the wrong type and invalid values raise ValueError naming the field.  A config written before the
+    ``execution`` section existed (its fields in ``model``) reads as it was meant."""
+    sections_known = {f.name for f in dataclasses.fields(Config)}
+    unknown = set(d) - sections_known
     if unknown:
-        raise ValueError(f"unknown sections {sorted(unknown)} in stored config (an lgcn_jax config has model, train, data, postprocess)")
+        raise ValueError(f"unknown sections {sorted(unknown)} in stored config (an lgcn_jax config has {', '.join(sorted(sections_known))})")
+    d = {name: dict(d.get(name, {})) for name in sections_known}
+    for name in EXECUTION_FIELDS & set(d["model"]):
+        d["execution"].setdefault(name, d["model"].pop(name))
     sections = {}
     for f in dataclasses.fields(Config):
-        cls = f.type if isinstance(f.type, type) else {"ModelConfig": ModelConfig, "TrainConfig": TrainConfig, "DataConfig": DataConfig,
-                                                              "PostprocessConfig": PostprocessConfig}[f.type]
+        cls = _SECTIONS[f.name]
         hints = typing.get_type_hints(cls)
-        raw = dict(d.get(f.name, {}))
+        raw = d[f.name]
         unknown = set(raw) - set(hints)
         if unknown:
             raise ValueError(f"unknown {f.name} fields in stored config: {sorted(unknown)}")
@@ -365,3 +386,28 @@ def config_from_dict(d: Mapping[str, Any]) -> Config:
     config = Config(**sections)
     validate(config)
     return config
+
+
+_SECTIONS = {"model": ModelConfig, "train": TrainConfig, "data": DataConfig, "postprocess": PostprocessConfig, "execution": ExecutionConfig}
+CONFIG_FILE = "config.json"
+
+
+def read_config(folder: str) -> Config:
+    """The ``config.json`` of a workdir or model folder; ``CheckpointError`` naming it when absent or unreadable."""
+    path = os.path.join(folder, CONFIG_FILE)
+    if not os.path.exists(path):
+        raise CheckpointError(f"{path} does not exist: {folder} is not an lgcn_jax workdir or checkpoint folder "
+                              f"(train one with run_train.py --workdir {folder})")
+    try:
+        with open(path) as f:
+            return config_from_dict(json.load(f))
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{path} is corrupt or from an incompatible lgcn_jax version ({e}); move it away or use another --workdir") from e
+
+
+def write_config(folder: str, config: Config) -> str:
+    """Write ``folder/config.json`` (atomically: never a half-written config); returns its path."""
+    path = os.path.join(folder, CONFIG_FILE)
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        json.dump(config_to_dict(config), f, indent=2, sort_keys=True)
+    return path

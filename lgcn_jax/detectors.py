@@ -22,9 +22,11 @@ import functools
 import os
 from typing import Callable, Sequence, Union
 
+import cv2
 import numpy as np
 
 from lgcn_jax import crop as crop_lib
+from lgcn_jax import yunet
 
 __all__ = ["Detection", "FaceDetector", "HaarDetector", "YuNetDetector", "DlibDetector", "DETECTORS", "get_detector", "reduce_image"]
 
@@ -48,8 +50,6 @@ def reduce_image(gray: np.ndarray, max_side: int) -> tuple[np.ndarray, float]:
     h, w = gray.shape[:2]
     if max(h, w) <= max_side:
         return gray, 1.0
-    import cv2
-
     f = max_side / max(h, w)
     return cv2.resize(gray, (max(1, round(w * f)), max(1, round(h * f))), interpolation=cv2.INTER_AREA), f
 
@@ -96,18 +96,12 @@ class YuNetDetector:
     def _faces(self, bgr: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         h, w = bgr.shape[:2]
         if self.backend == "jax":
-            from lgcn_jax import yunet
-
             # Zero-padded at the bottom and right as OpenCV does (to multiples of 32), but to multiples of
             # 128 so that photos of many sizes share a few compiled programs.
             ph, pw = -(-h // 128) * 128, -(-w // 128) * 128
             x = np.zeros((1, ph, pw, 3), np.float32)
             x[0, :h, :w] = bgr
             return yunet.decode(yunet.apply(yunet.load_params(), x), (ph, pw), self.score_threshold, self.nms_threshold)
-        import cv2
-
-        from lgcn_jax.yunet import ONNX
-
         # OpenCV zero-pads to multiples of 32 itself, but where a side pads to only 32 (one cell of the
         # stride-32 head) its output depends on memory left by earlier calls: a flat 7x300 image gave
         # "faces" at score 1.0 in some calls and none in others.  Padding such sides to 64 ourselves
@@ -116,7 +110,7 @@ class YuNetDetector:
         if (ph, pw) != (h, w):
             bgr = cv2.copyMakeBorder(bgr, 0, ph - h, 0, pw - w, cv2.BORDER_CONSTANT, value=0)
         if self._cv is None:
-            self._cv = cv2.FaceDetectorYN.create(ONNX, "", (pw, ph), self.score_threshold, self.nms_threshold, 5000)
+            self._cv = cv2.FaceDetectorYN.create(yunet.ONNX, "", (pw, ph), self.score_threshold, self.nms_threshold, 5000)
         self._cv.setInputSize((pw, ph))
         _, faces = self._cv.detect(bgr)
         if faces is None:
@@ -162,12 +156,7 @@ class HaarDetector:
     def __init__(self, angles: Sequence[float] = (0.0, -30.0, 30.0), min_size: int = 24, scale_factor: float = 1.1,
                  min_neighbors: int = 4, face_scale: float = 0.889, face_shift: float = 0.156, cascade: str = "haarcascade_frontalface_alt2.xml",
                  max_side: int = 1280):
-        try:
-            import cv2
-        except ImportError as e:  # pragma: no cover - a dependency
-            raise ImportError("face detection needs opencv-python-headless (pip install 'opencv-python-headless<5')") from e
         path = os.path.join(cv2.data.haarcascades, cascade)
-        self._cv2 = cv2
         self._cascade = cv2.CascadeClassifier(path)
         if self._cascade.empty():
             raise RuntimeError(f"OpenCV could not load its bundled cascade {path}")
@@ -175,7 +164,6 @@ class HaarDetector:
         self.face_scale, self.face_shift, self.max_side = face_scale, face_shift, max_side
 
     def __call__(self, gray: np.ndarray) -> list[Detection]:
-        cv2 = self._cv2
         small, factor = reduce_image(np.asarray(gray, np.uint8), self.max_side)
         h, w = small.shape
         eq = cv2.equalizeHist(small)

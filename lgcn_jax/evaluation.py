@@ -1,26 +1,41 @@
-"""Evaluate a model on a split: landmarks, the paper's metrics, a JSON report and a CED plot."""
+"""Evaluate on a split: landmarks, the paper's metrics, a JSON report and a CED plot.
+
+One path serves both uses: validation during training decodes by the sub-pixel arg-max of bare
+network parameters, ``run_eval.py`` by a ``Model``'s full decoding (``predict_landmarks``).
+"""
 
 from __future__ import annotations
 
 import json
-import os
+from typing import Union
 
+import jax
 import numpy as np
+from matplotlib.figure import Figure
+from tqdm.auto import tqdm
 
-from lgcn_jax import input_pipeline, metrics
+from lgcn_jax import input_pipeline, metrics, network
+from lgcn_jax.files import atomic_path
+from lgcn_jax.heatmaps import argmax_subpixel
+from lgcn_jax.metric_writer import read_metrics
 from lgcn_jax.predict import Model, predict
 
-__all__ = ["predict_batches", "predict_landmarks", "horizontal_offset", "evaluate_landmarks", "subset_reports", "write_report", "plot_ced", "plot_training", "format_table", "NORMS"]
+__all__ = ["eval_step", "predict_batches", "predict_landmarks", "evaluate", "horizontal_offset", "evaluate_landmarks", "subset_reports",
+           "write_report", "plot_ced", "plot_training", "format_table", "NORMS", "THRESHOLD"]
 
 NORMS = ("inter_ocular", "inter_pupil")
 THRESHOLD = 0.08
 
 
+@jax.jit
+def eval_step(net: network.LGCNParams, images: jax.Array) -> jax.Array:
+    """Landmarks f32[B, L, 2] from images by the per-map sub-pixel maximum (no shape model)."""
+    return argmax_subpixel(network.apply(net, images))[0]
+
+
 def predict_batches(fn, data: dict, batch_size: int = 32, progress: bool = False, max_batches: int = 0) -> np.ndarray:
     """Landmarks f32[N, L, 2] from ``fn(images f32[B, S, S, 1]) -> f32[B, L, 2]`` over the first
     ``max_batches`` batches (0: all) of a split held in memory ({"image": u8[N, S, S, 1], ...})."""
-    from tqdm.auto import tqdm
-
     n = len(data["image"]) if not max_batches else min(len(data["image"]), max_batches * batch_size)
     out = []
     with tqdm(total=n, disable=not progress, unit="face", desc="evaluating", dynamic_ncols=True) as bar:
@@ -33,9 +48,21 @@ def predict_batches(fn, data: dict, batch_size: int = 32, progress: bool = False
     return np.concatenate(out)
 
 
-def predict_landmarks(model: Model, data: dict, batch_size: int = 32, progress: bool = False) -> np.ndarray:
-    """Landmarks f32[N, L, 2] of ``model`` (network + its post-processing) for a split held in memory."""
-    return predict_batches(lambda images: predict(model, images), data, batch_size, progress)
+def predict_landmarks(model: Union[Model, network.LGCNParams], data: dict, batch_size: int = 32, progress: bool = False,
+                      max_batches: int = 0) -> np.ndarray:
+    """Landmarks f32[N, L, 2] for a split held in memory: a ``Model`` decodes as it is set to (network + its
+    post-processing), bare ``LGCNParams`` by the sub-pixel arg-max (``eval_step``, as validation does)."""
+    if isinstance(model, Model):
+        return predict_batches(lambda images: predict(model, images), data, batch_size, progress, max_batches)
+    return predict_batches(lambda images: eval_step(model, images), data, batch_size, progress, max_batches)
+
+
+def evaluate(model: Union[Model, network.LGCNParams], data: dict, batch_size: int = 32, max_batches: int = 0) -> dict:
+    """Inter-ocular NME, AUC and failure rate at 0.08 of ``predict_landmarks`` on a split held in memory."""
+    pred = predict_landmarks(model, data, batch_size, max_batches=max_batches)
+    errors = metrics.nme(pred, data["landmarks"][: len(pred)])
+    auc, failure = metrics.auc_and_failure(errors)
+    return {"nme": float(errors.mean()), "auc": auc, "failure_rate": failure, "num_faces": int(len(errors))}
 
 
 def horizontal_offset(model: Model, data: dict, batch_size: int = 32) -> float:
@@ -73,37 +100,25 @@ def subset_reports(pred: np.ndarray, gt: np.ndarray, file_names, threshold: floa
 
 def write_report(report: dict, path: str) -> str:
     """Write the report as JSON (atomically: an interrupted run leaves the previous file intact)."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
         json.dump(report, f, indent=1)
-    os.replace(tmp, path)
     return path
 
 
 def _save_figure(fig, ax, path: str, title: str) -> str:
     """Title, lay out and write a figure as PNG (atomically: an interrupted run keeps the previous file)."""
-    import matplotlib.pyplot as plt
-
     if title:
         ax.set_title(title)
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
+    with atomic_path(path, ".png") as tmp:
+        fig.savefig(tmp)
     return path
 
 
 def plot_ced(curves: dict[str, np.ndarray], path: str, title: str = "", threshold: float = THRESHOLD) -> str:
     """Save cumulative error distribution curves (label -> per-image errors) as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 4), dpi=120)
+    fig = Figure(figsize=(5, 4), dpi=120)  # no pyplot: the user's matplotlib backend is left alone
+    ax = fig.subplots()
     for label, errors in curves.items():
         x, y = metrics.ced_curve(errors, threshold)
         auc, failure = metrics.auc_and_failure(errors, threshold)
@@ -119,17 +134,11 @@ def plot_ced(curves: dict[str, np.ndarray], path: str, title: str = "", threshol
 
 def plot_training(workdir: str, path: str, title: str = "") -> str:
     """Save the training curve of a run (loss and validation NME by step, from ``metrics.jsonl``) as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from lgcn_jax.metric_writer import read_metrics
-
     records = read_metrics(workdir)
     loss = [(r["step"], r["train/loss"]) for r in records if isinstance(r.get("train/loss"), float)]
     val = [(r["step"], r["val/nme"]) for r in records if isinstance(r.get("val/nme"), float)]
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
+    fig = Figure(figsize=(6, 3.5), dpi=120)
+    ax = fig.subplots()
     if loss:
         ax.plot(*zip(*loss), color="tab:blue", lw=0.8, label="training loss")
     ax.set_xlabel("step")

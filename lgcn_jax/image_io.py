@@ -14,13 +14,11 @@ import os
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from lgcn_jax.errors import ImageError
+
 __all__ = ["ImageError", "to_gray", "open_image", "exif_orientation", "load_gray"]
 
 EXIF_ORIENTATION = 0x0112
-
-
-class ImageError(ValueError):
-    """An image cannot be read or used; the message names the file and the fix."""
 
 
 def exif_orientation(image: Image.Image) -> int:

@@ -14,6 +14,8 @@ import math
 import os
 import time
 
+from lgcn_jax.files import atomic_path
+
 __all__ = ["MetricWriter", "read_metrics", "METRICS_FILE", "DROPPED_FILE"]
 
 METRICS_FILE = "metrics.jsonl"
@@ -46,10 +48,8 @@ class MetricWriter:
                     f.writelines(json.dumps(r) + "\n" for r in dropped)
                 log.warning("%s: %d lines of steps %d-%d, after the step this run starts from (%d), moved to %s",
                             self.path, len(dropped), dropped[0]["step"], dropped[-1]["step"], start_step, DROPPED_FILE)
-            tmp = self.path + ".tmp"
-            with open(tmp, "w") as f:
+            with atomic_path(self.path) as tmp, open(tmp, "w") as f:
                 f.writelines(json.dumps(r) + "\n" for r in kept)
-            os.replace(tmp, self.path)
         self._file = open(self.path, "a", buffering=1)
         self._tb = None
         try:

@@ -10,7 +10,7 @@ import numpy as np
 
 from lgcn_jax.landmarks68 import LEFT_EYE, NUM_POINTS, OUTER_EYE_CORNERS, RIGHT_EYE
 
-__all__ = ["normaliser", "nme", "ced_curve", "auc_and_failure"]
+__all__ = ["normaliser", "nme", "ced_curve", "auc_and_failure", "match_face"]
 
 
 def normaliser(gt: np.ndarray, norm: str = "inter_ocular") -> np.ndarray:
@@ -56,3 +56,17 @@ def auc_and_failure(errors: np.ndarray, threshold: float = 0.08) -> tuple[float,
     auc = float(np.mean(np.clip(threshold - errors, 0.0, None)) / threshold)
     failure = float(np.mean(errors > threshold))
     return auc, failure
+
+
+def match_face(candidates, truth: np.ndarray, max_offset: float = 0.3) -> int | None:
+    """Which of the landmark sets ``candidates`` (each f[68, 2], e.g. the faces ``detect`` found in a photo) is the
+    annotated face ``truth`` f[68, 2]: the one whose landmark-box centre is nearest the truth's, if within
+    ``max_offset`` times the truth's longer box side; None when no candidate is.  End-to-end evaluation counts an
+    unmatched face as missed."""
+    truth = np.asarray(truth, np.float64)
+    lo, hi = truth.min(0), truth.max(0)
+    centre, size = (lo + hi) / 2, float((hi - lo).max())
+    offsets = [np.linalg.norm((np.min(p, 0) + np.max(p, 0)) / 2 - centre) for p in candidates]
+    if not offsets or min(offsets) > max_offset * size:
+        return None
+    return int(np.argmin(offsets))

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from lgcn_jax.batch_norm import BNReLUDropout, fold_into_conv
-from lgcn_jax.config import Config, ModelConfig
+from lgcn_jax.config import Config, ExecutionConfig, ModelConfig
 from lgcn_jax.kernel_conv import Kernel, gaussian_mixture_kernel, kernel_conv
 
 __all__ = ["LGCNParams", "LGCN", "model_kernel", "to_phases", "from_phases", "init", "apply", "apply_train", "check_images", "batch_statistics", "recalibrate_batch_stats"]
@@ -36,22 +36,23 @@ class LGCN(nn.Module):
     """Flax module; use the functional :func:`init` / :func:`apply` instead."""
 
     config: ModelConfig
+    execution: ExecutionConfig = ExecutionConfig()
 
     @nn.compact
     def __call__(self, images: jax.Array, train: bool) -> tuple[jax.Array, jax.Array]:
-        m = self.config
+        m, run = self.config, self.execution
         conv_init = nn.initializers.variance_scaling(2.0 * m.init_scale**2, "fan_in", "normal")
-        # model.compute_dtype: the convolutions' arithmetic and the activations' storage; BatchNorm computes in f32.
-        dtype = jnp.dtype(m.compute_dtype)
+        # execution.compute_dtype: the convolutions' arithmetic and the activations' storage; BatchNorm computes in f32.
+        dtype = jnp.dtype(run.compute_dtype)
 
-        # model.fold_batch_norm: inference with f32 blocks runs each conv -> BatchNorm -> ReLU as one
+        # execution.fold_batch_norm: inference with f32 blocks runs each conv -> BatchNorm -> ReLU as one
         # convolution + ReLU (batch_norm.fold_into_conv), which a GPU runs as one cuDNN call.
-        fold = (not train and m.fold_batch_norm and m.activation_scale > 0 and dtype == jnp.float32
+        fold = (not train and run.fold_batch_norm and m.activation_scale > 0 and dtype == jnp.float32
                 and not self.is_initializing())
 
         def conv_bn(x, features, size, dilation, name, dtype, dropout_rate):
             conv = nn.Conv(features, (size, size), kernel_dilation=dilation, padding="SAME", kernel_init=conv_init, dtype=dtype, name=f"{name}_conv")
-            bn = BNReLUDropout(m.bn_momentum, m.bn_epsilon, m.activation_scale, dropout_rate, dtype, m.fused_batch_norm, name=f"{name}_bn")
+            bn = BNReLUDropout(m.bn_momentum, m.bn_epsilon, m.activation_scale, dropout_rate, dtype, run.fused_batch_norm, name=f"{name}_bn")
             if not fold:
                 return bn(conv(x), train)
             params, stats = self.variables["params"], self.variables["batch_stats"]
@@ -82,7 +83,7 @@ class LGCN(nn.Module):
         blurred = kernel_conv(jnp.concatenate([main, side], axis=-1), model_kernel(m), precision=None) * m.kernel_output_scale
         o1 = blurred[..., :n]
         d = m.global_dilation
-        phases = m.dilation_as_phases and d > 1 and blurred.shape[1] % d == 0 and blurred.shape[2] % d == 0
+        phases = run.dilation_as_phases and d > 1 and blurred.shape[1] % d == 0 and blurred.shape[2] % d == 0
         y = to_phases(blurred, d) if phases else blurred
         for i in range(m.global_layers):
             y = block(y, 3, 1 if phases else d, f"global_{i}")
@@ -116,15 +117,21 @@ def from_phases(y: jax.Array, d: int) -> jax.Array:
 
 @struct.dataclass
 class LGCNParams:
-    """All state of a network: trainable ``params``, BatchNorm ``batch_stats``, static ``config``.
+    """All state of a network: trainable ``params``, BatchNorm ``batch_stats``, and as static data the
+    network's ``config`` and how it runs (``execution``).
 
-    A pytree: its leaves are the arrays, the config rides along as static data,
+    A pytree: its leaves are the arrays, the configs ride along as static data,
     so ``jax.jit(apply)(p, x)`` and ``jax.vmap(apply, (None, 0))`` just work.
     """
 
     params: Any
     batch_stats: Any
     config: ModelConfig = struct.field(pytree_node=False)
+    execution: ExecutionConfig = struct.field(pytree_node=False, default=ExecutionConfig())
+
+    def with_execution(self, execution: ExecutionConfig) -> "LGCNParams":
+        """The same arrays, run another way."""
+        return self.replace(execution=execution)
 
     @property
     def variables(self) -> dict:
@@ -134,11 +141,11 @@ class LGCNParams:
         return sum(x.size for x in jax.tree_util.tree_leaves(self.params))
 
 
-def _model_config(config) -> ModelConfig:
+def _configs(config) -> tuple[ModelConfig, ExecutionConfig]:
     if isinstance(config, Config):
-        return config.model
+        return config.model, config.execution
     if isinstance(config, ModelConfig):
-        return config
+        return config, ExecutionConfig()
     raise TypeError(f"expected a Config or ModelConfig, got {type(config).__name__}")
 
 
@@ -147,13 +154,13 @@ def init(rng: jax.Array, config: Config | ModelConfig, image_size: int = 96) -> 
 
     Args:
       rng: a PRNG key.
-      config: a :class:`Config` (its ``model`` part is used) or a :class:`ModelConfig`.
+      config: a :class:`Config` (its ``model`` and ``execution`` parts are used) or a :class:`ModelConfig`.
       image_size: side of the dummy input used to trace shapes; weights do not depend on it.
     """
-    m = _model_config(config)
+    m, run = _configs(config)
     dummy = jnp.zeros((1, image_size, image_size, 1), jnp.float32)
-    variables = jax.jit(functools.partial(LGCN(m).init, train=False))(rng, dummy)
-    return LGCNParams(params=variables["params"], batch_stats=variables.get("batch_stats", {}), config=m)
+    variables = jax.jit(functools.partial(LGCN(m, run).init, train=False))(rng, dummy)
+    return LGCNParams(params=variables["params"], batch_stats=variables.get("batch_stats", {}), config=m, execution=run)
 
 
 def check_images(images: Any) -> jax.Array:
@@ -173,7 +180,7 @@ def check_images(images: Any) -> jax.Array:
 
 @jax.jit
 def _apply(params: LGCNParams, images: jax.Array) -> jax.Array:
-    return LGCN(params.config).apply(params.variables, images, train=False)[1]
+    return LGCN(params.config, params.execution).apply(params.variables, images, train=False)[1]
 
 
 def apply(params: LGCNParams, images: jax.Array) -> jax.Array:
@@ -198,7 +205,7 @@ def apply_train(params: LGCNParams, images: jax.Array, dropout_rng: jax.Array) -
     Returns (o1, o2, new_batch_stats): o1 the blurred local-context output,
     o2 the final output, both f32[B, H, W, num_landmarks].
     """
-    (o1, o2), updates = LGCN(params.config).apply(
+    (o1, o2), updates = LGCN(params.config, params.execution).apply(
         params.variables, images, train=True, rngs={"dropout": dropout_rng}, mutable=["batch_stats"]
     )
     return o1, o2, updates["batch_stats"]
@@ -211,7 +218,7 @@ def batch_statistics(params: LGCNParams, images: jax.Array) -> Any:
     Training-mode normalisation without dropout, as inference sees the network.
     """
     m = dataclasses.replace(params.config, dropout_rate=0.0, bn_momentum=0.0)  # momentum 0: the batch's own statistics
-    _, updates = LGCN(m).apply(params.variables, images, train=True, mutable=["batch_stats"])
+    _, updates = LGCN(m, params.execution).apply(params.variables, images, train=True, mutable=["batch_stats"])
     return updates["batch_stats"]
 
 

@@ -25,13 +25,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from lgcn_jax.errors import ShapeModelError
+from lgcn_jax.files import atomic_path
+
 __all__ = ["ShapeModel", "build_shape_model", "kabsch_angle", "rotate", "save_shape_model", "load_shape_model", "ShapeModelError", "empty_shape_model"]
 
 FILENAME = "shape_model.npz"
-
-
-class ShapeModelError(RuntimeError):
-    """A shape model file is missing, corrupt or does not fit the network; the message says the fix."""
 
 
 @struct.dataclass
@@ -154,12 +153,10 @@ def build_shape_model(landmarks: np.ndarray, image_size: int, num_components: in
 
 def save_shape_model(directory: str, model: ShapeModel) -> str:
     """Write ``directory/shape_model.npz`` atomically; returns its path."""
-    os.makedirs(directory, exist_ok=True)
     path = os.path.join(directory, FILENAME)
-    tmp = path + ".tmp.npz"
-    np.savez(tmp, mean=np.asarray(model.mean), components=np.asarray(model.components), lower=np.asarray(model.lower),
-             upper=np.asarray(model.upper), image_size=np.int64(model.image_size))
-    os.replace(tmp, path)
+    with atomic_path(path, ".npz") as tmp:
+        np.savez(tmp, mean=np.asarray(model.mean), components=np.asarray(model.components), lower=np.asarray(model.lower),
+                 upper=np.asarray(model.upper), image_size=np.int64(model.image_size))
     return path
 
 

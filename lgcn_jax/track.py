@@ -33,10 +33,13 @@ from lgcn_jax.detect import Face, first_pass_model, landmarks
 from lgcn_jax.detectors import FaceDetector, get_detector
 from lgcn_jax.image_io import load_gray
 from lgcn_jax.landmarks68 import LEFT_EYE, RIGHT_EYE
+from lgcn_jax.predict import Model
+from lgcn_jax.release import resolve_model
+from lgcn_jax.video import read_frames
 
 __all__ = ["Tracker", "track", "MIN_CONFIDENCE"]
 
-# The default of every min_confidence (Tracker, track, video.annotate_video): between the background crops
+# The default of every min_confidence (Tracker, track, annotate.annotate_video): between the background crops
 # and the hardest real face measured with the released weights (Tracker's docstring gives the numbers).
 MIN_CONFIDENCE = 0.4
 # Tracker._follow keeps a face's crop while the re-cut one differs by at most: this fraction of the side
@@ -60,7 +63,7 @@ class Tracker:
       first_pass: the model of those passes but the last (as ``detect``; None: ``model``).
     """
 
-    model: object
+    model: Model
     detector: str | FaceDetector | None = None
     detect_every: int = 10
     min_confidence: float = MIN_CONFIDENCE
@@ -118,8 +121,8 @@ class Tracker:
     def _detect(self, gray: np.ndarray, tracked: list[Face], dropped: list[Face]) -> list[Face]:
         """``tracked`` plus the faces the detector finds elsewhere; a find on a tracked face takes over its track,
         and one where a track was just dropped in this frame revives that track's id."""
-        ratio = crop_lib.crop_ratio(self.model.config.data.dataset)
-        size = self.model.config.data.image_size
+        ratio = crop_lib.crop_ratio(self.model.data.dataset)
+        size = self.model.data.image_size
         found = self.detector(gray)
         maps = [crop_lib.similarity(d.center, d.size * ratio, d.angle, size) for d in found]
         faces = landmarks(self.model, [gray], [0] * len(maps), maps, [d.score for d in found], self.refine, self.batch_size, self.first_pass)
@@ -147,7 +150,7 @@ class Tracker:
         return out
 
     def _anchor(self, face: Face) -> None:
-        side = crop_lib.similarity_params(face.crop, self.model.config.data.image_size)[1]
+        side = crop_lib.similarity_params(face.crop, self.model.data.image_size)[1]
         self._side_per_eyes[face.track_id] = side / max(_eye_distance(face.landmarks), 1e-6)
 
     def _follow(self, face: Face) -> np.ndarray:
@@ -158,8 +161,8 @@ class Tracker:
         face (300w_cpu; 0.8-2.5 px with 300w_paper), as each new framing shifts the network's answer a
         little.  The deadband is far inside the shifts, scales and rotations the network was trained on.
         """
-        size = self.model.config.data.image_size
-        framing = crop_lib.from_landmarks(face.landmarks, crop_lib.crop_ratio(self.model.config.data.dataset), size)
+        size = self.model.data.image_size
+        framing = crop_lib.from_landmarks(face.landmarks, crop_lib.crop_ratio(self.model.data.dataset), size)
         center, _, angle = crop_lib.similarity_params(framing, size)
         side = self._side_per_eyes[face.track_id] * _eye_distance(face.landmarks)
         old_center, old_side, old_angle = crop_lib.similarity_params(face.crop, size)
@@ -205,21 +208,15 @@ def track(frames: Iterable, params=None, *, detector: str | FaceDetector | None 
     Args:
       frames: an iterable of frames (u8[H, W] gray, RGB u8[H, W, 3], PIL images or paths; a
         generator is consumed lazily), or the path of a video file (read frame by frame).
-      params: a ``Model``; None loads the released weights (``load_pretrained``).
+      params: a ``Model``, the name of released weights or a model folder; None: the default model of this
+        machine (``release.default_model``).
       detector, detect_every, min_confidence, refine, first_pass: see ``Tracker``.
     Yields:
       per frame, a list of ``Face`` in image pixels, ordered by ``track_id``; [] when none.
     """
-    from lgcn_jax.predict import Model, load_pretrained
-
-    model = load_pretrained() if params is None else params
-    if not isinstance(model, Model):
-        raise TypeError("params must be a lgcn_jax.Model (from load_model / load_pretrained), or None for the released weights")
-    tracker = Tracker(model, detector=detector, detect_every=detect_every, min_confidence=min_confidence, refine=refine,
+    tracker = Tracker(resolve_model(params), detector=detector, detect_every=detect_every, min_confidence=min_confidence, refine=refine,
                       first_pass=first_pass)
     if isinstance(frames, (str, os.PathLike)):  # one path: a video (a string is not a sequence of frames)
-        from lgcn_jax.video import read_frames
-
         frames = read_frames(os.fspath(frames))
     for frame in frames:
         yield tracker.update(frame)

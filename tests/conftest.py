@@ -20,6 +20,24 @@ import pytest
 from lgcn_jax.config import Config, DataConfig, ModelConfig, TrainConfig
 
 TINY_SPLITS = {"train": 48, "validation": 16, "test": 16}
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Real 300-W faces for the tests that need them (non-commercial research data, never in this repository).
+DEFAULT_REAL_300W = os.path.join(os.path.dirname(ROOT), "shared", "data", "300w_partial")
+
+
+def pytest_addoption(parser):
+    parser.addoption("--real-300w", default=os.environ.get("LGCN_300W_DIR", DEFAULT_REAL_300W), metavar="DIR",
+                     help="folder of 300-W faces laid out as the official archives (afw/, helen/, lfpw/, ...); tests that "
+                          "need it skip where it is absent (default: $LGCN_300W_DIR or ../shared/data/300w_partial)")
+
+
+@pytest.fixture(scope="session")
+def real_300w(request) -> str:
+    """The folder of real 300-W faces (``--real-300w``); the test is skipped where it is absent."""
+    path = request.config.getoption("--real-300w")
+    if not os.path.isdir(path):
+        pytest.skip(f"no 300-W faces at {path} (--real-300w DIR or LGCN_300W_DIR)")
+    return path
 
 
 def all_eqns(jaxpr):
@@ -52,9 +70,9 @@ def synthetic_data_dir(tmp_path_factory):
     synthetic_tfds.SPLIT_SIZES.update(TINY_SPLITS)
     data_dir = str(tmp_path_factory.mktemp("tfds"))
     try:
-        from lgcn_jax import input_pipeline
+        from lgcn_jax import datasets
 
-        input_pipeline.load_split(DataConfig(data_dir=data_dir), "train")
+        datasets.load_split(DataConfig(data_dir=data_dir), "train")
     finally:
         synthetic_tfds.SPLIT_SIZES.clear()
         synthetic_tfds.SPLIT_SIZES.update(old)

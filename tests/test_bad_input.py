@@ -7,8 +7,12 @@ import numpy as np
 import pytest
 
 import lgcn_jax
-from lgcn_jax import checkpoint, input_pipeline
-from lgcn_jax.config import DataConfig, config_from_dict, config_to_dict
+from data_prep.export_arrays import export_arrays
+from lgcn_jax import datasets, workdir
+from lgcn_jax.cli import eval as cli_eval
+from lgcn_jax.cli import train as cli_train
+from lgcn_jax.cli.detect import main as detect_main
+from lgcn_jax.config import DataConfig, config_from_dict, config_to_dict, read_config
 from lgcn_jax.metric_writer import MetricWriter
 from tests.conftest import tiny_config
 
@@ -34,7 +38,7 @@ def test_stored_config_values_are_checked_and_the_file_named(tmp_path, section, 
         config_from_dict(_stored(section, key, value))
     (tmp_path / "config.json").write_text(json.dumps(_stored(section, key, value)))
     with pytest.raises(lgcn_jax.CheckpointError, match=f"{tmp_path}/config.json is corrupt or from an incompatible"):
-        checkpoint.read_config(str(tmp_path))
+        read_config(str(tmp_path))
     with pytest.raises(ValueError, match=r"unknown sections \['lr'\]"):
         config_from_dict({"lr": 0.1})
     # ints where floats are due are read as floats; the presets round-trip
@@ -59,7 +63,7 @@ def test_workdir_that_is_a_file_or_an_exported_model_is_refused(tmp_path):
     cfg = tiny_config()
     (tmp_path / "file").write_text("mine")
     with pytest.raises(lgcn_jax.CheckpointError, match="is a file, not a folder"):
-        checkpoint.check_workdir_config(str(tmp_path / "file"), cfg)
+        workdir.check_workdir_config(str(tmp_path / "file"), cfg)
     export = tmp_path / "export"
     export.mkdir()
     for f in ("config.json", "params.msgpack"):
@@ -115,25 +119,25 @@ def _export(folder, landmarks):
     folder.mkdir()
     n = len(landmarks)
     np.savez(folder / "train.npz", image=np.zeros((n, 32, 32, 1), np.uint8), landmarks=np.asarray(landmarks, np.float32))
-    (folder / input_pipeline.ARRAYS_META).write_text(json.dumps(
-        {"format": input_pipeline.ARRAYS_FORMAT, "dataset": "300w", "splits": {"train": {"file": "train.npz", "num_examples": n}}}))
+    (folder / datasets.ARRAYS_META).write_text(json.dumps(
+        {"format": datasets.ARRAYS_FORMAT, "dataset": "300w", "splits": {"train": {"file": "train.npz", "num_examples": n}}}))
     return DataConfig(dataset="300w", data_dir=str(folder), image_size=32)
 
 
 def test_data_dirs_and_exports_that_cannot_be_right(tmp_path):
     good = np.full((2, 68, 2), 16.0)
-    assert input_pipeline.load_split(_export(tmp_path / "ok", good), "train")["landmarks"].shape == (2, 68, 2)
+    assert datasets.load_split(_export(tmp_path / "ok", good), "train")["landmarks"].shape == (2, 68, 2)
     bad = good.copy()
     bad[1, 3] = np.nan
     with pytest.raises(lgcn_jax.DatasetError, match=r"train.npz: the landmarks of 1 faces \(first: example 1\) are not finite"):
-        input_pipeline.load_split(_export(tmp_path / "nan", bad), "train")
+        datasets.load_split(_export(tmp_path / "nan", bad), "train")
     bad[1, 3] = 1e6
     with pytest.raises(lgcn_jax.DatasetError, match="lie far outside their 32x32 crop"):
-        input_pipeline.load_split(_export(tmp_path / "far", bad), "train")
+        datasets.load_split(_export(tmp_path / "far", bad), "train")
     with pytest.raises(lgcn_jax.DatasetError, match=r"data dir .*missing does not exist; pass the folder"):
-        input_pipeline.load_split(DataConfig(dataset="300w", data_dir=str(tmp_path / "missing")), "train")
+        datasets.load_split(DataConfig(dataset="300w", data_dir=str(tmp_path / "missing")), "train")
     with pytest.raises(lgcn_jax.DatasetError, match=r"train.npz is a file; data.data_dir \(--data_dir\) takes a folder"):
-        input_pipeline.load_split(DataConfig(dataset="300w", data_dir=str(tmp_path / "ok" / "train.npz")), "train")
+        datasets.load_split(DataConfig(dataset="300w", data_dir=str(tmp_path / "ok" / "train.npz")), "train")
 
 
 def test_export_arrays_writes_nothing_over_a_users_files(synthetic_data_dir, tmp_path):
@@ -142,13 +146,13 @@ def test_export_arrays_writes_nothing_over_a_users_files(synthetic_data_dir, tmp
     mine.mkdir()
     (mine / "train.npz").write_bytes(b"my own arrays")
     with pytest.raises(lgcn_jax.DatasetError, match=r"mine is not empty: it holds other files \(train.npz\); nothing was written"):
-        input_pipeline.export_arrays(cfg, str(mine))
+        export_arrays(cfg, str(mine))
     assert (mine / "train.npz").read_bytes() == b"my own arrays"
     with pytest.raises(lgcn_jax.DatasetError, match="split 'foo' does not exist"):
-        input_pipeline.export_arrays(cfg, str(tmp_path / "new"), splits=["train", "foo"])
+        export_arrays(cfg, str(tmp_path / "new"), splits=["train", "foo"])
     assert not (tmp_path / "new").exists()
     with pytest.raises(lgcn_jax.DatasetError, match="is already an array export"):
-        input_pipeline.export_arrays(_export(tmp_path / "ok", np.full((1, 68, 2), 16.0)), str(tmp_path / "again"))
+        export_arrays(_export(tmp_path / "ok", np.full((1, 68, 2), 16.0)), str(tmp_path / "again"))
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -157,32 +161,27 @@ def test_export_arrays_writes_nothing_over_a_users_files(synthetic_data_dir, tmp
     (["--split", "common", "--out", "FILE"], "is a file; reports go to a folder"),
 ])
 def test_run_eval_flags_are_checked_first(tmp_path, capsys, argv, message):
-    import run_eval
-
     (tmp_path / "FILE").write_text("mine")
     argv = [str(tmp_path / a) if a == "FILE" else a for a in argv]
     with pytest.raises(SystemExit) as e:
-        run_eval.main(argv)
+        cli_eval.main(argv)
     assert e.value.code == 2 and message in capsys.readouterr().err
     assert (tmp_path / "FILE").read_text() == "mine"
 
 
 def test_run_train_flags(tmp_path, capsys, monkeypatch):
-    import run_train
-
     with pytest.raises(SystemExit):
-        run_train.parse_args(["--workdir", "w", "--recalibrate", "5"])
+        cli_train.parse_args(["--workdir", "w", "--recalibrate", "5"])
     assert "goes with --export" in capsys.readouterr().err
     monkeypatch.chdir(tmp_path)
     # Stored in config.json: absolute, so that commands from another folder find it.
-    assert run_train.parse_args(["--workdir", "w", "--data_dir", "exports/300w"]).data_dir == str(tmp_path / "exports" / "300w")
+    assert cli_train.parse_args(["--workdir", "w", "--data_dir", "exports/300w"]).data_dir == str(tmp_path / "exports" / "300w")
 
 
 def test_lgcn_detect_names_every_result_once_and_checks_its_flags(tmp_path, capsys):
     from PIL import Image
 
-    from lgcn_jax.detect import main
-
+    main = detect_main
     for name in ("a.jpg", "a.png", "a_2.jpg"):
         Image.fromarray(np.full((48, 64), 128, np.uint8)).save(tmp_path / name)
     out = tmp_path / "out"
@@ -209,9 +208,9 @@ def test_build_300w_with_an_empty_manual_dir_says_what_it_expects(tmp_path, caps
 
 def test_a_second_run_on_a_workdir_in_use_is_refused_and_writes_nothing(tmp_path):
     wd = str(tmp_path / "wd")
-    with checkpoint.workdir_lock(wd):  # another run holds it (flock: a second open file conflicts even in one process)
+    with workdir.workdir_lock(wd):  # another run holds it (flock: a second open file conflicts even in one process)
         with pytest.raises(lgcn_jax.CheckpointError, match=r"wd is in use by another training run \(pid \d+ on .+\); wait"):
             lgcn_jax.train_and_evaluate(tiny_config(), wd, progress=False)
         assert os.listdir(wd) == [".lock"]
-    with checkpoint.workdir_lock(wd):  # released with the holder
+    with workdir.workdir_lock(wd):  # released with the holder
         pass

@@ -13,6 +13,7 @@ import pytest
 import lgcn_jax
 from lgcn_jax import network
 from lgcn_jax.batch_norm import BNReLUDropout, bn_relu_dropout, fold_into_conv
+from lgcn_jax.config import ExecutionConfig
 from lgcn_jax.loss import heatmap_loss
 from tests.conftest import all_eqns, tiny_config
 
@@ -167,7 +168,7 @@ class _PlainBlock(nn.Module):
 
 def test_network_loss_gradients_equal_the_plain_blocks(monkeypatch):
     """The whole network with dropout on: outputs, statistics and every gradient of the training loss, against
-    plain blocks (same variables and dropout draws) and against model.fused_batch_norm=False."""
+    plain blocks (same variables and dropout draws) and against execution.fused_batch_norm=False."""
     m = dataclasses.replace(tiny_config().model, dropout_rate=0.2, bn_momentum=0.5)
     net = lgcn_jax.init(jax.random.key(0), m)
     x = jax.random.uniform(jax.random.key(1), (3, 32, 32, 1))
@@ -180,7 +181,7 @@ def test_network_loss_gradients_equal_the_plain_blocks(monkeypatch):
         return jax.value_and_grad(loss, has_aux=True)(net.params)
 
     fused = run(net)
-    unfused = run(net.replace(config=dataclasses.replace(m, fused_batch_norm=False)))
+    unfused = run(net.replace(execution=ExecutionConfig(fused_batch_norm=False)))
     monkeypatch.setattr(network, "BNReLUDropout", _PlainBlock)
     plain = run(net)
 
@@ -219,26 +220,26 @@ def test_fold_into_conv_equals_conv_batch_norm_relu():
 
 @pytest.mark.parametrize("overrides", [{}, {"dilation_as_phases": False}])
 def test_network_inference_folds_batch_norm(overrides):
-    """model.fold_batch_norm: the same inference output as the unfolded blocks (the released weights'
+    """execution.fold_batch_norm: the same inference output as the unfolded blocks (the released weights'
     statistics, not init's identity ones), and no element-wise BatchNorm left on the maps; bf16 blocks are not folded."""
-    m = dataclasses.replace(tiny_config().model, **overrides)
-    net = lgcn_jax.init(jax.random.key(0), m)
+    m = tiny_config().model
+    net = lgcn_jax.init(jax.random.key(0), m).replace(execution=ExecutionConfig(**overrides))
     x = jax.random.uniform(jax.random.key(1), (3, 32, 32, 1))
     net = net.replace(batch_stats=network.batch_statistics(net, x))  # statistics far from mean 0, var 1
     net = net.replace(params=jax.tree_util.tree_map_with_path(
         lambda p, v: v + 0.3 * jax.random.normal(jax.random.key(len(jax.tree_util.keystr(p))), v.shape)
         if jax.tree_util.keystr(p).endswith("['bias']") else v, net.params))  # non-zero conv and BatchNorm biases
-    unfolded = net.replace(config=dataclasses.replace(m, fold_batch_norm=False))
+    unfolded = net.replace(execution=dataclasses.replace(net.execution, fold_batch_norm=False))
     want = lgcn_jax.apply(unfolded, x)
     np.testing.assert_allclose(lgcn_jax.apply(net, x), want, rtol=1e-4, atol=1e-5 * float(jnp.abs(want).max()))
 
     sides = {32, 32 // m.global_dilation}  # the maps' side, and the global subnet's sub-grids' side
 
     def map_multiplies(n):  # element-wise products over whole maps (not kernels) in the inference jaxpr
-        eqns = all_eqns(jax.make_jaxpr(lambda x: network.LGCN(n.config).apply(n.variables, x, train=False))(x).jaxpr)
+        eqns = all_eqns(jax.make_jaxpr(lambda x: network.LGCN(n.config, n.execution).apply(n.variables, x, train=False))(x).jaxpr)
         return sum(e.primitive.name == "mul" and e.outvars[0].aval.ndim == 4 and e.outvars[0].aval.shape[1] in sides for e in eqns)
     blocks = m.local_5x5_layers + m.local_3x3_layers + m.global_layers + 1
     assert map_multiplies(net) < 4 <= blocks <= map_multiplies(unfolded)
-    bf16 = dataclasses.replace(m, compute_dtype="bfloat16")
-    np.testing.assert_array_equal(lgcn_jax.apply(net.replace(config=bf16), x),
-                                  lgcn_jax.apply(net.replace(config=dataclasses.replace(bf16, fold_batch_norm=False)), x))
+    bf16 = dataclasses.replace(net.execution, compute_dtype="bfloat16")
+    np.testing.assert_array_equal(lgcn_jax.apply(net.replace(execution=bf16), x),
+                                  lgcn_jax.apply(net.replace(execution=dataclasses.replace(bf16, fold_batch_norm=False)), x))

@@ -1,28 +1,34 @@
-"""The benchmark driver runs end to end on tiny sizes (no timing is asserted: numbers mean nothing here)."""
+"""The benchmarks run end to end on tiny sizes (no timing is asserted: numbers mean nothing here).
+
+The scripts run as a user runs them (a subprocess); only the unit tests of the benchmarks' own helpers
+(trace and HLO parsing, the profiler's parts) import bench/ modules.  bench/ never imports tests/.
+"""
 
 import json
 import os
+import subprocess
 import sys
 
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "bench"))
 
-import run_all  # noqa: E402
 
-
-def test_run_all_tiny(tmp_path, synthetic_data_dir, capsys):
+def test_run_all_tiny(tmp_path, synthetic_data_dir):
     out = tmp_path / "results.json"
-    run_all.main(["--tiny", "--data_dir", synthetic_data_dir, "--out", str(out)])
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "run_all.py"), "--tiny", "--data_dir", synthetic_data_dir,
+                        "--out", str(out)], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "| kernel conv forward B=1 |" in r.stdout
     r = json.loads(out.read_text())
     assert [row["pass"] for row in r["kernel_conv"]["rows"]] == ["forward", "backward"]
     assert all(row["rel_err"] < 1e-5 for row in r["kernel_conv"]["rows"])
     assert [row["batch"] for row in r["network"]["rows"]] == [2]
     assert r["network"]["flops_per_image"]["total"] > 0
-    assert r["postprocess"]["rows"][-1]["max_abs_diff_px"] < 0.05  # jnp and reference agree
+    assert [row["stages"] for row in r["postprocess"]["rows"]] == ["arg-max only", "full (global+20+7+blend)"]
     assert r["train"]["verdict"] in ("input-bound", "compute-bound")
     assert set(r["memory"]) == {"predict", "train"} and all(v["peak_rss_mib"] > 0 for v in r["memory"].values())
-    assert "| kernel conv forward B=1 |" in capsys.readouterr().out
     for part in ("kernel_conv", "network", "postprocess", "train"):
         assert (tmp_path / f"results_{part}.json").exists()
 
@@ -31,7 +37,7 @@ def test_bench_train_runs_without_tensorflow(tmp_path):
     """On a machine without TensorFlow (the GPU box) the synthetic faces are generated in memory."""
     import subprocess
 
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = ROOT
     code = ("import sys, json; sys.modules['tensorflow'] = None; sys.modules['tensorflow_datasets'] = None; "
             f"sys.path.insert(0, {os.path.join(root, 'bench')!r}); import bench_train; "
             "r = bench_train.main(['--config', 'model.num_filters=4', 'model.local_5x5_layers=1', 'model.local_3x3_layers=1', "

@@ -1,9 +1,21 @@
 import numpy as np
 import pytest
 
+import jax.numpy as jnp
+
 from data_prep.synthetic_faces import make_face, make_split
+from lgcn_jax import augment
+from lgcn_jax import datasets
 from lgcn_jax import input_pipeline as ip
 from lgcn_jax.config import DataConfig
+from lgcn_jax.landmarks68 import FLIP_PERMUTATION
+
+
+def _augmented(stream, cfg, seed):
+    """The next batch of a raw training stream as the training step sees it: augmented on the device."""
+    batch = next(stream)
+    image, lm = augment.augment_batch(batch["image"], batch["landmarks"], jnp.asarray(batch["example"]), seed, cfg)
+    return {"image": np.asarray(image), "landmarks": np.asarray(lm)}
 
 
 def test_faces_are_deterministic_and_varied():
@@ -20,7 +32,7 @@ def test_faces_are_deterministic_and_varied():
 
 
 def test_flip_permutation():
-    p = ip.FLIP_PERMUTATION
+    p = FLIP_PERMUTATION
     assert sorted(p) == list(range(68))
     assert np.array_equal(p[p], np.arange(68))  # flip twice = identity
     assert p[36] == 45 and p[39] == 42 and p[48] == 54 and p[0] == 16 and p[30] == 30
@@ -40,7 +52,7 @@ def test_augmentation_moves_points_with_content():
     lm[:, 0] = np.linspace(20, 75, 68)  # distinct columns so the flip is visible
     data = {"image": _dot_image(lm)[None, ..., None].repeat(4, 0), "landmarks": np.repeat(lm[None], 4, 0)}
     cfg = DataConfig(brightness_delta=0.0, contrast_range=(1.0, 1.0), max_rotation_deg=20, max_scale_delta=0.1, max_shift_frac=0.05)
-    batch = next(ip.train_dataset(data, cfg, 4, seed=3).as_numpy_iterator())
+    batch = _augmented(ip.tf_batches(data, 4, seed=3), cfg, 3)
     flipped = 0
     for img, pts in zip(batch["image"][..., 0], batch["landmarks"]):
         ys, xs = np.nonzero(img > 0.3)
@@ -61,7 +73,7 @@ def test_flip_branch_swaps_eyes():
     cfg = DataConfig(max_rotation_deg=0, max_scale_delta=0, max_shift_frac=0, brightness_delta=0, contrast_range=(1, 1))
     found = False
     for seed in range(20):
-        out = next(ip.train_dataset(data, cfg, 1, seed=seed).as_numpy_iterator())["landmarks"][0]
+        out = _augmented(ip.array_batches(data, 1, seed=seed), cfg, seed)["landmarks"][0]
         if not np.allclose(out, lm):
             np.testing.assert_allclose(out[36], [95 - 70.0, 40.0], atol=1e-4)
             np.testing.assert_allclose(out[45], [95 - 25.0, 40.0], atol=1e-4)
@@ -70,36 +82,44 @@ def test_flip_branch_swaps_eyes():
     assert found
 
 
-def test_stream_deterministic_and_resumable():
+@pytest.mark.parametrize("stream", [ip.tf_batches, ip.array_batches])
+def test_stream_deterministic_and_resumable(stream):
+    """Both streams: the same seed gives the same raw batches, a start step the rest of them, each epoch every
+    face once, and the example indices that key the augmentation count up."""
     images, lms = make_split("validation", 10, image_size=32)
     data = {"image": images[..., None], "landmarks": lms}
-    cfg = DataConfig(image_size=32)
-    full = list(ip.train_dataset(data, cfg, 4, seed=1).take(6).as_numpy_iterator())
-    again = list(ip.train_dataset(data, cfg, 4, seed=1).take(6).as_numpy_iterator())
-    resumed = list(ip.train_dataset(data, cfg, 4, seed=1, start_step=4).take(2).as_numpy_iterator())
-    other = next(ip.train_dataset(data, cfg, 4, seed=2).as_numpy_iterator())
+
+    def take(n, **kw):
+        it = stream(data, 4, **kw)
+        return [next(it) for _ in range(n)]
+
+    full, again = take(6, seed=1), take(6, seed=1)
+    resumed, other = take(2, seed=1, start_step=4), take(1, seed=2)
     for a, b in zip(full, again):
         assert all(np.array_equal(a[k], b[k]) for k in a)
     for a, b in zip(full[4:], resumed):
         assert all(np.array_equal(a[k], b[k]) for k in a)
-    assert not np.array_equal(full[0]["landmarks"], other["landmarks"])
+    assert not np.array_equal(full[0]["landmarks"], other[0]["landmarks"])
+    assert full[0]["image"].dtype == np.uint8 and np.concatenate([b["example"] for b in full]).tolist() == list(range(24))
+    first_epoch = np.concatenate([b["landmarks"] for b in full])[:10]
+    assert sorted(map(tuple, first_epoch[:, 0])) == sorted(map(tuple, lms[:, 0]))
 
 
 def test_tfds_builder_and_splits(synthetic_data_dir):
     cfg = DataConfig(data_dir=synthetic_data_dir)
-    train = ip.load_split(cfg, "train")
-    val = ip.load_split(cfg, "val")
+    train = datasets.load_split(cfg, "train")
+    val = datasets.load_split(cfg, "val")
     assert train["image"].shape == (48, 96, 96, 1) and val["landmarks"].shape == (16, 68, 2)
     # TFDS stores examples in a hashed order; every one must be reproducible from its seed 0..47.
     faces = [make_face(i) for i in range(48)]
     matched = {i for j in range(48) for i, (image, lm) in enumerate(faces)
                if np.array_equal(train["image"][j, ..., 0], image) and np.allclose(train["landmarks"][j], lm)}
     assert matched == set(range(48))
-    small = ip.load_split(DataConfig(data_dir=synthetic_data_dir, image_size=48), "train")
+    small = datasets.load_split(DataConfig(data_dir=synthetic_data_dir, image_size=48), "train")
     assert small["image"].shape == (48, 48, 48, 1)
     np.testing.assert_allclose(small["landmarks"], (train["landmarks"] + 0.5) / 2 - 0.5, atol=1e-5)
-    with pytest.raises(ip.DatasetError, match="split 'challenging' does not exist"):
-        ip.load_split(cfg, "challenging")
+    with pytest.raises(datasets.DatasetError, match="split 'challenging' does not exist"):
+        datasets.load_split(cfg, "challenging")
 
 
 def test_eval_batches_pad_and_mark():

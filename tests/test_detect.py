@@ -11,8 +11,11 @@ from PIL import Image
 
 import lgcn_jax
 from data_prep.synthetic_faces import make_face
-from lgcn_jax.checkpoint import CheckpointError
-from lgcn_jax.detect import Detection, HaarDetector, detect, detect_batch, main
+from lgcn_jax.cli.detect import main
+from lgcn_jax.detect import Detection, detect, detect_batch
+from lgcn_jax.detectors import HaarDetector
+from lgcn_jax.errors import CheckpointError
+from lgcn_jax.release import DEFAULT_WEIGHTS, default_weights
 
 PHOTO = os.path.join(os.path.dirname(matplotlib.__file__), "mpl-data", "sample_data", "grace_hopper.jpg")
 SPECS = [(11, 90, (80, 90), 0), (12, 130, (220, 160), 20), (13, 70, (360, 80), -15)]  # seed, side, centre, degrees
@@ -159,6 +162,7 @@ def test_cli_writes_json_and_png_and_keeps_existing(tmp_path, capsys):
     assert main([str(src), str(photo), "--out", str(out), "--no_progress"]) == 0
     rep = json.loads((out / "hopper.json").read_text())
     assert len(rep["faces"]) == 1 and len(rep["faces"][0]["landmarks"]) == 68
+    assert rep["model"] == default_weights()  # what ran is recorded
     assert json.loads((out / "group.json").read_text())["faces"] == []  # Haar does not see cartoon faces
     png = Image.open(out / "hopper_landmarks.png")
     assert png.size == Image.open(PHOTO).size and png.mode == "RGB"
@@ -204,14 +208,16 @@ def test_pretrained_loader_errors(tmp_path, monkeypatch):
         lgcn_jax.load_pretrained("nope")
 
 
-@pytest.mark.parametrize("first_pass", [None, "300w_cpu"])
-def test_default_weights_find_the_features_of_a_real_photo(first_pass):
+@pytest.mark.parametrize("params, first_pass", [(None, None), ("300w_paper", None), ("300w_paper", "300w_cpu")])
+def test_released_weights_find_the_features_of_a_real_photo(params, first_pass):
     """The released 300-W weights on the one real photo that ships offline (Grace Hopper, with matplotlib):
     eyes, nose tip, mouth and chin within about a tenth of the eye distance of positions read off the photo
-    by eye. The synthetic weights miss these by a third of the eye distance and more.  So they do when the
-    small network runs the first pass, which only frames the second one's crop."""
-    faces = detect(PHOTO, first_pass=first_pass)
+    by eye. The synthetic weights miss these by a third of the eye distance and more.  So do this machine's
+    default weights (None), and the paper's when the small network runs the first pass, which only frames
+    the second one's crop."""
+    faces = detect(PHOTO, params, first_pass=first_pass)
     assert len(faces) == 1
+    assert faces[0].model == (params or default_weights())
     lm = faces[0].landmarks
     read_by_eye = {"right eye (image left)": (lm[36:42].mean(0), (218, 190), 10), "left eye": (lm[42:48].mean(0), (307, 187), 10),
                    "nose tip": (lm[30], (265, 240), 12), "mouth": (lm[48:68].mean(0), (265, 275), 12), "chin": (lm[8], (270, 333), 15)}
@@ -223,13 +229,13 @@ def test_lgcn_detect_keeps_compiled_programs_in_the_user_cache_unless_one_is_set
     import subprocess
     import sys
 
-    from lgcn_jax.detect import enable_compilation_cache
+    from lgcn_jax.compilation_cache import enable_compilation_cache
 
     assert enable_compilation_cache(str(tmp_path / "unused")) == os.environ["JAX_COMPILATION_CACHE_DIR"]  # the suite's own: kept
     assert not (tmp_path / "unused").exists()
     env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
     env["XDG_CACHE_HOME"] = str(tmp_path / "xdg")
-    code = ("import jax, jax.numpy as jnp; from lgcn_jax.detect import enable_compilation_cache; "
+    code = ("import jax, jax.numpy as jnp; from lgcn_jax.compilation_cache import enable_compilation_cache; "
             "print(enable_compilation_cache()); jax.config.update('jax_persistent_cache_min_compile_time_secs', 0); "
             "jax.jit(lambda x: jnp.sin(x) * 2)(jnp.ones(3)).block_until_ready()")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
@@ -278,7 +284,7 @@ def test_first_pass_that_cannot_frame_the_crops_is_refused(model):
         detect(blank, model, first_pass="300w_nope")
     with pytest.raises(TypeError, match="first_pass must be a lgcn_jax.Model, the name of released weights"):
         detect(blank, model, first_pass=3)
-    five = model._replace(config=dataclasses.replace(model.config, model=dataclasses.replace(model.config.model, num_landmarks=5)))
+    five = model.replace(params=model.params.replace(config=dataclasses.replace(model.params.config, num_landmarks=5)))
     with pytest.raises(ValueError, match="first_pass marks 5 landmarks and the model 68"):
         detect(blank, model, first_pass=five)
     with pytest.raises(ValueError, match="first_pass marks 5 landmarks"):
@@ -307,3 +313,12 @@ def test_flip_test_runs_on_the_last_pass_only(model, monkeypatch, tmp_path):
     assert main([str(photo), "--out", str(tmp_path / "o"), "--checkpoint", "300w_cpu", "--flip_test", "--no_progress"]) == 0
     want = detect(str(photo), lgcn_jax.load_pretrained("300w_cpu").with_postprocess(flip_test=True))[0].landmarks
     np.testing.assert_allclose(json.loads((tmp_path / "o" / "hopper.json").read_text())["faces"][0]["landmarks"], want, atol=0.006)
+
+
+def test_the_default_model_serves_the_machine():
+    """Without a model, detect / track / lgcn-detect run the small network where JAX runs on the CPU and the
+    paper's where it has an accelerator; load_pretrained() stays the paper's network."""
+    assert default_weights("cpu") == DEFAULT_WEIGHTS["cpu"] == "300w_cpu"
+    assert default_weights("gpu") == default_weights("tpu") == DEFAULT_WEIGHTS["accelerator"] == "300w_paper"
+    assert lgcn_jax.default_model().name == default_weights()
+    assert lgcn_jax.load_pretrained().name == "300w_paper"

@@ -172,7 +172,7 @@ def test_a_50_megapixel_photo_in_bounded_memory(tmp_path):
 
 
 def test_cli_detector_by_name(tmp_path, capsys):
-    from lgcn_jax.detect import main
+    from lgcn_jax.cli.detect import main
 
     photo = str(tmp_path / "hopper.png")
     Image.open(PHOTO).save(photo)

@@ -17,7 +17,10 @@ import pytest
 
 import lgcn_jax
 from data_prep.synthetic_faces import make_split
-from lgcn_jax import checkpoint, train
+from lgcn_jax import checkpoint, logs
+from lgcn_jax.errors import CheckpointError
+from lgcn_jax.step import train_step
+from lgcn_jax.train_state import create_train_state
 from tests.conftest import tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -66,7 +69,7 @@ def test_truncated_newest_checkpoint_is_moved_aside_and_the_run_resumes_exactly(
     pa, _ = lgcn_jax.load_params(a, which="last")
     pb, _ = lgcn_jax.load_params(b, which="last")
     assert _trees_equal(pa.params, pb.params)  # the same step-indexed data order from step 4 on
-    assert os.path.getsize(os.path.join(a, checkpoint.LOG_FILE)) > 0  # the full details went to the log file
+    assert os.path.getsize(os.path.join(a, logs.LOG_FILE)) > 0  # the full details went to the log file
 
 
 def test_no_restorable_checkpoint_is_one_clear_error_and_nothing_moves(tmp_path, synthetic_data_dir):
@@ -74,7 +77,7 @@ def test_no_restorable_checkpoint_is_one_clear_error_and_nothing_moves(tmp_path,
     lgcn_jax.train_and_evaluate(_config(synthetic_data_dir, 4), a, progress=False)
     for s in _steps(a):
         _truncate_arrays(os.path.join(a, "last", str(s)))
-    with pytest.raises(checkpoint.CheckpointError, match=r"none of the 2 checkpoints in .*last restores.*Nothing was moved") as e:
+    with pytest.raises(CheckpointError, match=r"none of the 2 checkpoints in .*last restores.*Nothing was moved") as e:
         lgcn_jax.train_and_evaluate(_config(synthetic_data_dir, 6), a, progress=False)
     assert "fresh --workdir" in str(e.value)
     assert _steps(a) == [2, 4] and not [s for s in os.listdir(os.path.join(a, "last")) if "corrupt" in s]
@@ -137,14 +140,14 @@ def test_nonfinite_batch_is_skipped_when_asked():
     images, lms = make_split("train", 4, image_size=32)
     good = {"image": jnp.asarray(images[..., None] / 255.0, jnp.float32), "landmarks": jnp.asarray(lms)}
     bad = {"image": good["image"].at[0, 3, 3, 0].set(jnp.nan), "landmarks": good["landmarks"]}
-    state = train.create_train_state(tiny_config())
+    state = create_train_state(tiny_config())
     before = jax.tree_util.tree_map(np.asarray, state.net.params)
-    state, m = train.train_step(state, bad, skip_nonfinite=True)
+    state, m = train_step(state, bad, skip_nonfinite=True)
     assert int(m["skipped"]) == 1 and not np.isfinite(float(m["loss"])) and int(state.step) == 1
     assert _trees_equal(state.net.params, before)
-    state, m = train.train_step(state, good, skip_nonfinite=True)
+    state, m = train_step(state, good, skip_nonfinite=True)
     assert int(m["skipped"]) == 0 and int(state.step) == 2 and not _trees_equal(state.net.params, before)
-    state, m = train.train_step(state, bad)  # without the option the update goes through
+    state, m = train_step(state, bad)  # without the option the update goes through
     assert not np.all(np.isfinite(np.asarray(state.net.params["head_main"]["kernel"])))
 
 
@@ -156,7 +159,7 @@ def test_nonfinite_loss_stops_with_the_step_and_the_last_good_checkpoint(tmp_pat
     named = re.search(r"last/(\d+)", str(e.value))
     assert (int(named.group(1)) in _steps(wd)) if named else not _steps(wd), (str(e.value), _steps(wd))  # it exists
     for s in _steps(wd):  # every checkpoint written holds finite parameters
-        p = checkpoint.Checkpoints(wd).restore(s, train.create_train_state(cfg))
+        p = checkpoint.Checkpoints(wd).restore(s, create_train_state(cfg))
         assert all(np.all(np.isfinite(x)) for x in jax.tree_util.tree_leaves(p.net.params))
     skip = lgcn_jax.apply_overrides(cfg, ["train.skip_nonfinite=true"])
     lgcn_jax.train_and_evaluate(skip, str(tmp_path / "skip"), progress=False)
@@ -178,16 +181,17 @@ def test_failing_write_names_the_workdir_and_keeps_earlier_checkpoints(tmp_path,
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(ocp.StandardCheckpointHandler, "async_save", full_disk)
-    with pytest.raises(checkpoint.CheckpointError, match=r"could not write the checkpoint of step 6 to .*wd/last .*No space left.*intact"):
+    with pytest.raises(CheckpointError, match=r"could not write the checkpoint of step 6 to .*wd/last .*No space left.*intact"):
         lgcn_jax.train_and_evaluate(_config(synthetic_data_dir, 8), wd, progress=False)
     monkeypatch.setattr(ocp.StandardCheckpointHandler, "async_save", original)
     assert _steps(wd) == [2, 4]  # nothing deleted, no partial step taken for a checkpoint
-    state, step = checkpoint.Checkpoints(wd).restore_latest(train.create_train_state(_config(synthetic_data_dir, 8)))
+    state, step = checkpoint.Checkpoints(wd).restore_latest(create_train_state(_config(synthetic_data_dir, 8)))
     assert step == 4 and int(state.step) == 4
 
 
 def test_orbax_read_errors_after_a_failed_restore_go_to_the_log_file(tmp_path, caplog):
-    path = checkpoint.log_details_to(str(tmp_path))
+    path = logs.log_details_to(str(tmp_path))
+    logs.quiet_failed_restores()  # what the command-line programs and train_and_evaluate install
     asyncio_log = logging.getLogger("asyncio")
     orbax_task = ("Task exception was never retrieved\nfuture: <Task finished name='Task-287' coro=<async_deserialize() done, "
                   "defined at /venv/orbax/checkpoint/_src/serialization/serialization.py:394> exception=Exception('reading array index')>")

@@ -7,7 +7,7 @@ import pytest
 
 import lgcn_jax
 from lgcn_jax import network
-from lgcn_jax.config import ModelConfig, get_config
+from lgcn_jax.config import ExecutionConfig, ModelConfig, get_config
 from lgcn_jax.loss import heatmap_loss
 from tests.conftest import all_eqns, tiny_config
 
@@ -117,7 +117,7 @@ def test_global_subnet_on_phases_equals_dilated_convolutions(dilation, hw, phase
     side that does not divide by the dilation runs the dilated convolutions."""
     m = dataclasses.replace(tiny_config().model, global_layers=2, global_dilation=dilation)
     on = lgcn_jax.init(jax.random.key(0), m)
-    off = on.replace(config=dataclasses.replace(m, dilation_as_phases=False))
+    off = on.replace(execution=ExecutionConfig(dilation_as_phases=False))
     x = jax.random.uniform(jax.random.key(1), (2, *hw, 1))
     assert _dilated_convs(off, x) == 2 and _dilated_convs(on, x) == (0 if phased else 2)
     np.testing.assert_allclose(lgcn_jax.apply(on, x), lgcn_jax.apply(off, x), rtol=1e-5, atol=1e-6)
@@ -161,11 +161,11 @@ def _conv_input_dtypes(fn, *args) -> list[str]:
 
 
 def test_bf16_compute_runs_the_blocks_in_bf16_and_stays_close_to_f32():
-    """model.compute_dtype="bfloat16": every conv-BN-ReLU block computes in bf16, the three 1x1 heads
+    """execution.compute_dtype="bfloat16": every conv-BN-ReLU block computes in bf16, the three 1x1 heads
     (and the blur, the outputs) in f32; same weights, outputs and gradients within bf16 rounding."""
     m = dataclasses.replace(tiny_config().model, global_layers=2)
     f32 = lgcn_jax.init(jax.random.key(0), m)
-    bf16 = f32.replace(config=dataclasses.replace(m, compute_dtype="bfloat16"))
+    bf16 = f32.replace(execution=ExecutionConfig(compute_dtype="bfloat16"))
     x = jax.random.uniform(jax.random.key(1), (2, 32, 32, 1))
     blocks = m.local_5x5_layers + m.local_3x3_layers + m.global_layers
     assert _conv_input_dtypes(lambda p, x: lgcn_jax.apply_train(p, x, jax.random.key(0)), bf16, x) == \
@@ -203,5 +203,6 @@ def test_bf16_compute_runs_the_blocks_in_bf16_and_stays_close_to_f32():
 
 
 def test_compute_dtype_is_checked():
-    with pytest.raises(ValueError, match="model.compute_dtype must be 'float32' or 'bfloat16', got 'float16'"):
-        lgcn_jax.apply_overrides(get_config("quick"), ["model.compute_dtype=float16"])
+    for key in ("execution.compute_dtype", "model.compute_dtype"):  # the second: the spelling before the execution section
+        with pytest.raises(ValueError, match="execution.compute_dtype must be 'float32' or 'bfloat16', got 'float16'"):
+            lgcn_jax.apply_overrides(get_config("quick"), [f"{key}=float16"])

@@ -1,8 +1,8 @@
 """A wheel of the project (what `pip install .` or `pip install git+...` installs) works outside the checkout.
 
 The editable install of the README finds everything in the checkout; a wheel holds only what pyproject.toml
-declares, so the released weights, the YuNet detector files and the modules behind lgcn-train / lgcn-eval
-must be declared there.  Built from a copy of the sources, without network (no build isolation).
+declares, so the released weights and the YuNet detector files must be declared there.  Built from a copy of the
+sources, without network (no build isolation).  TensorFlow is an extra: a plain install does not pull it in.
 """
 
 from __future__ import annotations
@@ -56,10 +56,16 @@ def test_the_wheel_holds_the_weights_the_detector_and_the_command_modules(wheel)
     for f in os.listdir(os.path.join(ROOT, "lgcn_jax", "weights")):
         if f != "__pycache__":
             assert f"lgcn_jax/weights/{f}" in names
-    assert {"run_train.py", "run_eval.py", "lgcn_jax/checkpoints/README.md", "data_prep/build_300w.py"} <= names
-    for command, target in (("lgcn-train", "run_train:main"), ("lgcn-eval", "run_eval:main"), ("lgcn-detect", "lgcn_jax.detect:main")):
+    assert {"lgcn_jax/cli/train.py", "lgcn_jax/checkpoints/README.md", "data_prep/build_300w.py"} <= names
+    for command, target in (("lgcn-train", "lgcn_jax.cli.train:main"), ("lgcn-eval", "lgcn_jax.cli.eval:main"),
+                            ("lgcn-detect", "lgcn_jax.cli.detect:main")):
         assert f"{command} = {target}" in entry_points
     assert not any(n.startswith(("tests/", "bench/", "docs/")) for n in names)
+    # Inference and TF-free training need no TensorFlow; building datasets and the tf.data stream take the extra.
+    requires = [line.split(":", 1)[1].strip() for line in metadata.splitlines() if line.startswith("Requires-Dist:")]
+    plain = [r for r in requires if "extra ==" not in r]
+    assert plain and not [r for r in plain if r.lower().startswith(("tensorflow", "tf-", "tensorflow-datasets"))], plain
+    assert any(r.startswith("tensorflow-cpu") and 'extra == "data"' in r for r in requires), requires
 
 
 def test_an_installed_wheel_loads_the_default_weights_from_inside_the_package(wheel, tmp_path):
@@ -68,10 +74,10 @@ def test_an_installed_wheel_loads_the_default_weights_from_inside_the_package(wh
                              capture_output=True, text=True)
     assert install.returncode == 0, install.stderr[-3000:]
     probe = (
-        "import json, lgcn_jax, run_train, run_eval\n"
-        "from lgcn_jax.predict import PRETRAINED, pretrained_path\n"
+        "import json, lgcn_jax, lgcn_jax.cli.train, lgcn_jax.cli.eval\n"
+        "from lgcn_jax.release import PRETRAINED, pretrained_path\n"
         "m = lgcn_jax.load_pretrained()\n"
-        "print(json.dumps({'files': [lgcn_jax.__file__, run_train.__file__, run_eval.__file__],\n"
+        "print(json.dumps({'files': [lgcn_jax.__file__, lgcn_jax.cli.train.__file__, lgcn_jax.cli.eval.__file__],\n"
         "                  'weights': pretrained_path(), 'name': PRETRAINED, 'filters': m.config.model.num_filters}))\n"
     )
     def tree():
@@ -90,3 +96,33 @@ def test_an_installed_wheel_loads_the_default_weights_from_inside_the_package(wh
     with open(os.path.join(ROOT, "checkpoints", got["name"], "config.json")) as f:
         assert got["filters"] == json.load(f)["model"]["num_filters"]
     assert tree() == before  # site-packages may be read-only: loading writes nothing there
+
+
+def test_every_module_has_a_place_in_the_layers():
+    """pyproject.toml's import-linter contract (checked by `lint-imports` in .ci/run) names every module of the
+    package, so a new one cannot slip past the layering unplaced."""
+    import pkgutil
+    import tomllib
+
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        contracts = tomllib.load(f)["tool"]["importlinter"]["contracts"]
+    layers = next(c["layers"] for c in contracts if c["type"] == "layers")
+    placed = {name.strip() for layer in layers for name in layer.replace(":", "|").split("|")}
+    modules = {f"lgcn_jax.{m.name}" for m in pkgutil.iter_modules(lgcn_jax.__path__) if m.name not in ("weights", "checkpoints")}
+    assert modules == placed, (sorted(modules - placed), sorted(placed - modules))
+
+
+def test_detect_runs_where_tensorflow_is_not_installed(tmp_path):
+    """lgcn-detect on a photo with TensorFlow made unimportable (as after `pip install lgcn_jax` without extras):
+    it finds the face and never imports TensorFlow; .ci/run also installs the package without extras and runs it."""
+    import matplotlib
+
+    photo = os.path.join(os.path.dirname(matplotlib.__file__), "mpl-data", "sample_data", "grace_hopper.jpg")
+    code = ("import sys; sys.modules['tensorflow'] = None; sys.modules['tensorflow_datasets'] = None\n"
+            "from lgcn_jax.cli.detect import main\n"
+            f"rc = main([{photo!r}, '--out', {str(tmp_path)!r}, '--no_progress', '--no_cache'])\n"
+            "assert not [m for m in sys.modules if m.startswith('tensorflow') and sys.modules[m] is not None], 'TF was imported'\n"
+            "sys.exit(rc)\n")
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert len(json.loads((tmp_path / "grace_hopper.json").read_text())["faces"]) == 1

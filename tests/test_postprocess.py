@@ -75,7 +75,7 @@ def test_shape_model_save_load_round_trip(models, tmp_path):
     assert back.image_size == SIZE
 
 
-def test_workdir_shape_model_is_written_from_the_training_split_and_the_old_name_warns(models, train_shapes, tmp_path):
+def test_workdir_shape_model_is_written_from_the_training_split(models, train_shapes, tmp_path):
     from lgcn_jax import train
 
     cfg = lgcn_jax.apply_overrides(lgcn_jax.get_config("quick"), ["postprocess.num_components=3"])
@@ -83,9 +83,7 @@ def test_workdir_shape_model_is_written_from_the_training_split_and_the_old_name
     assert load_shape_model(os.path.dirname(path)).num_components == 3  # one fewer than the 4 shapes would allow
     with pytest.raises(lgcn_jax.DatasetError, match="at least 2 training faces"):
         train.write_shape_model(cfg, str(tmp_path / "b"), {"landmarks": train_shapes[:1]})
-    cfg = lgcn_jax.get_config("quick")
-    with pytest.warns(DeprecationWarning, match="write_shape_model"):
-        path = train.build_shape_model(cfg, str(tmp_path / "c"), {"landmarks": train_shapes})
+    path = train.write_shape_model(lgcn_jax.get_config("quick"), str(tmp_path / "c"), {"landmarks": train_shapes})
     np.testing.assert_allclose(np.asarray(load_shape_model(os.path.dirname(path)).mean), np.asarray(models[0].mean), atol=1e-5)
 
 
@@ -207,10 +205,10 @@ def test_bad_heatmaps_and_missing_model(models):
 
 
 def _eval(args, capsys):
-    import run_eval
+    from lgcn_jax.cli import eval as cli_eval
 
     capsys.readouterr()
-    code = run_eval.main(["--no_progress", *args])
+    code = cli_eval.main(["--no_progress", *args])
     out = capsys.readouterr()
     return subprocess.CompletedProcess(args, code, out.out, out.err)
 
@@ -255,14 +253,15 @@ def test_run_eval_takes_released_weights_by_name(synthetic_data_dir, tmp_path, c
 
 
 def test_run_eval_in_bf16(synthetic_data_dir, tmp_path, capsys):
-    """--config model.compute_dtype=bfloat16 runs the same weights with bf16 convolution blocks (recorded in the
-    report); the network's other fields cannot be overridden at evaluation."""
+    """--config execution.compute_dtype=bfloat16 runs the same weights with bf16 convolution blocks (recorded in the
+    report; model.compute_dtype, the spelling before the execution section, too); the network's fields cannot be
+    overridden at evaluation."""
     import json
 
     reps = {}
-    for dtype in ("float32", "bfloat16"):
+    for dtype, section in (("float32", "execution"), ("bfloat16", "model")):
         r = _eval(["--checkpoint", "synthetic_quick", "--data_dir", synthetic_data_dir, "--split", "test", "--out", str(tmp_path / dtype),
-                   "--config", f"model.compute_dtype={dtype}", "model.fold_batch_norm=false"], capsys)
+                   "--config", f"{section}.compute_dtype={dtype}", f"{section}.fold_batch_norm=false"], capsys)
         assert r.returncode == 0, r.stderr
         reps[dtype] = json.loads((tmp_path / dtype / "eval_test.json").read_text())
         assert reps[dtype]["compute_dtype"] == dtype
@@ -272,7 +271,7 @@ def test_run_eval_in_bf16(synthetic_data_dir, tmp_path, capsys):
     a, b = (np.array(reps[d]["inter_ocular"]["per_image"]) for d in ("float32", "bfloat16"))
     assert not np.array_equal(a, b) and abs(a.mean() - b.mean()) < 0.05 * a.mean(), (a.mean(), b.mean())
     r = _eval(["--checkpoint", "synthetic_quick", "--split", "test", "--out", str(tmp_path), "--config", "model.num_filters=64"], capsys)
-    assert r.returncode == 2 and "model.compute_dtype" in r.stderr and "not ['model.num_filters=64']" in r.stderr
+    assert r.returncode == 2 and "execution.*" in r.stderr and "not ['model.num_filters=64']" in r.stderr
 
 
 # ---- the fast paths of a single face: same landmarks as the plain algorithm --------------------------------------------
@@ -283,7 +282,7 @@ def test_landmarks_equal_those_before_the_speed_up():
     (vmapped: every branch runs) and one face at a time (unbatched: only the branch taken runs)."""
     import os
 
-    from lgcn_jax.input_pipeline import _resize
+    from lgcn_jax.datasets import resize_images as _resize
 
     before = np.load(os.path.join(os.path.dirname(__file__), "data", "postprocess_before_speedup.npz"))
     model = lgcn_jax.load_pretrained("synthetic_quick").with_postprocess(peak_fit_radius=1)  # the file's 3-point peaks
@@ -470,13 +469,13 @@ def test_model_with_execution():
     images = np.stack([make_face(s, SIZE)[0] for s in (7100, 7101, 7102)])[..., None]
     ref = np.asarray(lgcn_jax.predict(model, images))
     low = model.with_execution(compute_dtype="bfloat16")
-    assert low.params.config.compute_dtype == low.config.model.compute_dtype == "bfloat16"
-    assert low.params.params is model.params.params and model.config.model.compute_dtype == "float32"
+    assert low.params.execution.compute_dtype == low.config.execution.compute_dtype == "bfloat16"
+    assert low.params.params is model.params.params and model.config.execution.compute_dtype == "float32"
     moved = np.abs(np.asarray(lgcn_jax.predict(low, images)) - ref)
     assert 0 < moved.mean() < 0.3, moved.mean()
     dilated = model.with_execution(dilation_as_phases=False)
     np.testing.assert_allclose(np.asarray(lgcn_jax.predict(dilated, images)), ref, atol=1e-3)
     with pytest.raises(ValueError, match=r"unknown execution settings \['num_filters'\]; they are: compute_dtype, dilation_as_phases, fold_batch_norm, fused_batch_norm"):
         model.with_execution(num_filters=64)
-    with pytest.raises(ValueError, match="model.compute_dtype must be 'float32' or 'bfloat16'"):
+    with pytest.raises(ValueError, match="execution.compute_dtype must be 'float32' or 'bfloat16'"):
         model.with_execution(compute_dtype="half")

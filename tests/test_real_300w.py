@@ -1,54 +1,55 @@
-"""Real 300-W faces (../shared/data/300w_partial, skipped where it is absent): the partial build, the
-holdout, and the released default weights on the common subset, as `run_eval.py --split common` reports them."""
+"""Real 300-W faces (``--real-300w DIR``, default ../shared/data/300w_partial; skipped where absent): the partial
+build, the holdout, and the released weights on the common subset, as `run_eval.py --split common` reports them."""
 
+import dataclasses
+import glob
 import json
 import os
 
 import numpy as np
 import pytest
 
-from lgcn_jax.predict import PRETRAINED
+import lgcn_jax
+from data_prep import build_300w, export_arrays
+from data_prep.layout_300w import read_pts
+from lgcn_jax import crop as crop_lib
+from lgcn_jax import datasets, evaluation, metrics, train
+from lgcn_jax.cli import eval as cli_eval
+from lgcn_jax.config import DataConfig
+from lgcn_jax.detect import landmarks
+from lgcn_jax.image_io import load_gray
+from lgcn_jax.release import PRETRAINED
+from tests.conftest import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PARTIAL = os.path.join(os.path.dirname(ROOT), "shared", "data", "300w_partial")
-
-pytestmark = pytest.mark.skipif(not os.path.isdir(PARTIAL), reason="../shared/data/300w_partial is not here")
+COMMON = ("helen/testset", "lfpw/testset")
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory):
+def built(tmp_path_factory, real_300w):
     """The real partial 300-W, built once and exported to arrays (the export is what the GPU machine reads)."""
-    from data_prep import build_300w, export_arrays
-
     data_dir = str(tmp_path_factory.mktemp("tfds_real"))
-    assert build_300w.main(["--manual_dir", PARTIAL, "--data_dir", data_dir, "--workers", "2"]) == 0
+    assert build_300w.main(["--manual_dir", real_300w, "--data_dir", data_dir, "--workers", "2"]) == 0
     export = str(tmp_path_factory.mktemp("export_real"))
     assert export_arrays.main(["--dataset", "300w", "--data_dir", data_dir, "--out", export]) == 0
     return data_dir, export
 
 
 def test_partial_build_has_train_and_common(built, capsys):
-    from lgcn_jax import input_pipeline
-    from lgcn_jax.config import DataConfig
-
     data_dir, export = built
     for d in (data_dir, export):
         cfg = DataConfig(dataset="300w", data_dir=d)
-        assert input_pipeline.available_splits(cfg) == ["common", "train"]
-    common = input_pipeline.load_split(DataConfig(dataset="300w", data_dir=export), "common")
+        assert datasets.available_splits(cfg) == ["common", "train"]
+    common = datasets.load_split(DataConfig(dataset="300w", data_dir=export), "common")
     assert common["image"].shape == (554, 96, 96, 1)
     folders = [f.split("/")[0] for f in common["file_name"]]
     assert folders.count("helen") == 330 and folders.count("lfpw") == 224
 
 
 def test_holdout_of_real_train(built):
-    from lgcn_jax import input_pipeline
-    from lgcn_jax.config import DataConfig
-
-    train = input_pipeline.load_split(DataConfig(dataset="300w", data_dir=built[1]), "train")
-    fit, val = input_pipeline.holdout(train, 200)
+    train = datasets.load_split(DataConfig(dataset="300w", data_dir=built[1]), "train")
+    fit, val = datasets.holdout(train, 200)
     assert len(fit["image"]) == 1813 and len(val["image"]) == 199
-    assert not set(map(input_pipeline.photo_id, fit["file_name"])) & set(map(input_pipeline.photo_id, val["file_name"]))
+    assert not set(map(datasets.photo_id, fit["file_name"])) & set(map(datasets.photo_id, val["file_name"]))
 
 
 # The default-weights test evaluates the first faces of each subset of common by file name (the paper
@@ -61,10 +62,7 @@ SUBSET_NME = (0.03189, 0.04422)
 def test_released_default_weights_on_the_common_subset(built, tmp_path, monkeypatch, capsys):
     """`run_eval.py --split common` with no checkpoint: the released 300w_paper weights, reports in ./eval,
     nothing in checkpoints/; on 16 HELEN + 16 LFPW faces, the NME those faces had in the full evaluation."""
-    import run_eval
-    from lgcn_jax import input_pipeline
-
-    meta = json.loads(open(os.path.join(built[1], input_pipeline.ARRAYS_META)).read())
+    meta = json.loads(open(os.path.join(built[1], datasets.ARRAYS_META)).read())
     with np.load(os.path.join(built[1], "common.npz")) as z:
         common = {k: z[k] for k in z.files}
     names = common["file_name"]
@@ -74,12 +72,12 @@ def test_released_default_weights_on_the_common_subset(built, tmp_path, monkeypa
     export.mkdir()
     np.savez(export / "common.npz", **{k: v[keep] for k, v in common.items()})
     meta["splits"] = {"common": dict(meta["splits"]["common"], num_examples=len(keep))}
-    (export / input_pipeline.ARRAYS_META).write_text(json.dumps(meta))
+    (export / datasets.ARRAYS_META).write_text(json.dumps(meta))
 
     released = os.path.join(ROOT, "checkpoints")
     before = {f: os.path.getmtime(os.path.join(r, f)) for r, _, fs in os.walk(released) for f in fs}
     monkeypatch.chdir(tmp_path)
-    assert run_eval.main(["--split", "common", "--data_dir", str(export), "--no_progress"]) == 0
+    assert cli_eval.main(["--split", "common", "--data_dir", str(export), "--no_progress"]) == 0
     out = capsys.readouterr().out
     assert "common/helen" in out and "common/lfpw" in out
     rep = json.loads((tmp_path / "eval" / "eval_common.json").read_text())
@@ -96,28 +94,22 @@ def test_released_default_weights_on_the_common_subset(built, tmp_path, monkeypa
 # not depend on the weights, so the many photos go to the small network.  The last case frames the default
 # weights' crops with the small network's landmarks (detect's first_pass).
 @pytest.mark.parametrize("weights, per_subset, first_pass", [("300w_cpu", 40, None), (PRETRAINED, 4, None), (PRETRAINED, 4, "300w_cpu")])
-def test_detect_on_real_photos_finds_every_face_and_keeps_the_accuracy_of_ground_truth_boxes(weights, per_subset, first_pass):
+def test_detect_on_real_photos_finds_every_face_and_keeps_the_accuracy_of_ground_truth_boxes(real_300w, weights, per_subset, first_pass):
     """detect() (YuNet + two passes) on common-subset photos, each holding its annotated face with context:
     every face found, and inter-ocular NME within 1.1x that of crops framed from the ground truth (the full
-    554 with the default weights: 554 found, 3.30% against 3.26%; with first_pass="300w_cpu" 3.31%;
-    bench/compare_end_to_end.py)."""
-    import glob
-    import sys
-
-    sys.path.insert(0, os.path.join(ROOT, "bench"))
-    import compare_end_to_end as e2e
-
-    import lgcn_jax
-    from lgcn_jax.image_io import load_gray
-
+    554: bench/compare_end_to_end.py)."""
     model = lgcn_jax.load_pretrained(weights)
-    paths = [p for sub in e2e.SUBSETS for p in sorted(glob.glob(os.path.join(PARTIAL, sub, "*.jpg")))[:per_subset]]
+    size, ratio = model.data.image_size, crop_lib.crop_ratio(model.data.dataset)
+    paths = [p for sub in COMMON for p in sorted(glob.glob(os.path.join(real_300w, sub, "*.jpg")))[:per_subset]]
     gt_box, found = [], []
     for path in paths:
-        gray, truth = load_gray(path), e2e.read_pts(os.path.splitext(path)[0] + ".pts")
-        gt_box.append(e2e.nme(e2e.from_ground_truth(model, gray, truth), truth))
-        match = e2e.nearest([f.landmarks for f in lgcn_jax.detect(gray, model, first_pass=first_pass)], truth)
-        found.append(None if match is None else e2e.nme(match, truth))
+        gray, truth = load_gray(path), read_pts(os.path.splitext(path)[0] + ".pts")
+        lo, hi = truth.min(0), truth.max(0)  # the evaluation crop: the ground truth's box, side 1.4x, no roll
+        (face,) = landmarks(model, [gray], [0], [crop_lib.similarity((lo + hi) / 2, float((hi - lo).max()) * ratio, 0.0, size)], [1.0], refine=0)
+        gt_box.append(float(metrics.nme(face.landmarks[None], truth[None])[0]))
+        faces = lgcn_jax.detect(gray, model, first_pass=first_pass)
+        k = metrics.match_face([f.landmarks for f in faces], truth)
+        found.append(None if k is None else float(metrics.nme(faces[k].landmarks[None], truth[None])[0]))
     assert all(f is not None for f in found), sum(f is None for f in found)
     assert np.mean(found) <= 1.1 * np.mean(gt_box), (np.mean(found), np.mean(gt_box))
     assert np.mean(found) < 0.06
@@ -128,16 +120,11 @@ def test_decoding_settings_lower_the_nme_of_the_small_network_on_all_common_face
     fits (peak_fit_radius=9) and x_offset, both chosen on the 199 faces held out of train, give 3.90% inter-ocular
     NME, against 4.04% with the 3-point peaks and offset released before and 3.96% without the offset; flip_test
     3.82% (checkpoints/README.md; the paper network: 3.33% -> 3.26%)."""
-    import dataclasses
-
-    import lgcn_jax
-    from lgcn_jax import evaluation, input_pipeline, train
-
     model = lgcn_jax.load_pretrained("300w_cpu")
     config = dataclasses.replace(model.config, data=dataclasses.replace(model.config.data, data_dir=built[1]))
     assert model.config.postprocess.x_offset == 0.1905 and model.config.postprocess.peak_fit_radius == 9
     assert evaluation.horizontal_offset(model, train.training_splits(config)[1]) == pytest.approx(0.1905, abs=0.002)
-    common = input_pipeline.load_split(config.data, "common")
+    common = datasets.load_split(config.data, "common")
     variants = {"previous": model.with_postprocess(peak_fit_radius=1, x_offset=0.1822), "raw": model.with_postprocess(x_offset=0.0),
                 "released": model, "flip": model.with_postprocess(flip_test=True)}
     nme = {k: evaluation.evaluate_landmarks(evaluation.predict_landmarks(m, common), common["landmarks"])["inter_ocular"]["nme"]

@@ -15,7 +15,9 @@ SETUP = """
 import dataclasses, json, sys
 import jax, jax.numpy as jnp, numpy as np
 import lgcn_jax
-from lgcn_jax import sharding, train
+from lgcn_jax import sharding
+from lgcn_jax.step import train_step
+from lgcn_jax.train_state import create_train_state
 from data_prep.synthetic_faces import make_split
 from tests.conftest import tiny_config
 cfg = tiny_config(optimizer="momentum", learning_rate=0.01)
@@ -38,10 +40,10 @@ def test_two_device_step_equals_one_device_step():
         assert jax.device_count() == 2
         def steps(devices):  # the state after the first step (copied: the next step donates it), 3 losses
             mesh = sharding.data_mesh(devices)
-            state = sharding.replicate(train.create_train_state(cfg), mesh)
+            state = sharding.replicate(create_train_state(cfg), mesh)
             losses, first = [], None
             for _ in range(3):
-                state, m = train.train_step(state, sharding.shard_batch(batch, mesh))
+                state, m = train_step(state, sharding.shard_batch(batch, mesh))
                 losses.append(float(m["loss"]))
                 if first is None:
                     first = jax.tree_util.tree_map(np.array, state)

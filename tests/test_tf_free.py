@@ -1,4 +1,4 @@
-"""The TF-free path: array exports, the on-device jnp augmentation against tf.data's, training without TensorFlow."""
+"""The TF-free path: array exports, the on-device jnp augmentation behind both streams, training without TensorFlow."""
 
 import json
 import os
@@ -10,8 +10,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from data_prep.export_arrays import export_arrays
 from data_prep.synthetic_faces import make_face
 from lgcn_jax import augment as aug
+from lgcn_jax import datasets
 from lgcn_jax import input_pipeline as ip
 from lgcn_jax.config import DataConfig
 
@@ -21,33 +23,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def _face(size=96):
     image, lm = make_face(3, size)
     return image[..., None], lm
-
-
-def _tf_augment(image_u8, lm, u, cfg):
-    tf = ip._tf()
-    out_image, out_lm = ip._augment_with(tf, tf.constant(image_u8, tf.float32) / 255.0, tf.constant(lm), tf.constant(u, tf.float32), cfg)
-    return out_image.numpy(), out_lm.numpy()
-
-
-@pytest.mark.parametrize("flip", [False, True])
-def test_jnp_augmentation_equals_tf_for_the_same_change(flip):
-    image, lm = _face()
-    cfg = DataConfig(max_rotation_deg=15, max_scale_delta=0.1, max_shift_frac=0.05)
-    rng = np.random.default_rng(1)
-    for _ in range(4):
-        u = rng.uniform(-1, 1, 7).astype(np.float32)
-        u[4] = abs(u[4]) if flip else -abs(u[4])
-        ti, tl = _tf_augment(image, lm, u, cfg)
-        ji, jl = aug.augment_example(jnp.asarray(image, jnp.float32) / 255.0, jnp.asarray(lm), jnp.asarray(u), cfg)
-        np.testing.assert_allclose(np.asarray(jl), tl, atol=2e-4)
-        # The edge rule differs by a fraction of a pixel at the border (TF clamps after reflecting):
-        # compare where the sampled point lies inside the image, i.e. away from the border.
-        diff = np.abs(np.asarray(ji) - ti)[6:-6, 6:-6]
-        assert np.median(diff) < 1e-4 and np.quantile(diff, 0.99) < 2e-3, (np.median(diff), diff.max())
-        v = u.copy()
-        v[4] = -v[4]
-        other = aug.augment_example(jnp.asarray(image, jnp.float32) / 255.0, jnp.asarray(lm), jnp.asarray(v), cfg)[1]
-        assert np.abs(np.asarray(other) - tl).max() > 2.0  # u[4] decides the mirror in both
 
 
 def _summaries(images, lms):
@@ -63,7 +38,8 @@ def _summaries(images, lms):
 
 
 def test_tf_and_jax_pipelines_draw_from_the_same_distribution():
-    """One asymmetric face, 600 draws from each pipeline: every summary passes a two-sample KS test."""
+    """One asymmetric face, 600 draws from each stream as the training step augments them: every summary passes a
+    two-sample KS test (the streams' permutations and example keys differ, the change applied does not)."""
     from scipy.stats import ks_2samp
 
     image, lm = _face()
@@ -72,8 +48,10 @@ def test_tf_and_jax_pipelines_draw_from_the_same_distribution():
     data = {"image": image[None], "landmarks": lm[None]}
     cfg = DataConfig()
     n, b = 600, 50
-    tf_batches = ip.train_dataset(data, cfg, b, seed=0).take(n // b).as_numpy_iterator()
-    tf_img, tf_lm = map(np.concatenate, zip(*[(x["image"], x["landmarks"]) for x in tf_batches]))
+    tf_step = jax.jit(lambda im, l, e: aug.augment_batch(im, l, e, 0, cfg))
+    tf_stream = ip.tf_batches(data, b, seed=0)
+    tx = [tf_step(x["image"], x["landmarks"], x["example"]) for x in (next(tf_stream) for _ in range(n // b))]
+    tf_img, tf_lm = (np.concatenate([np.asarray(v[i]) for v in tx]) for i in (0, 1))
     step = jax.jit(lambda im, l, e: aug.augment_batch(im, l, e, 7, cfg))
     stream = ip.array_batches(data, b, seed=7)
     jx = [step(x["image"], x["landmarks"], x["example"]) for x in (next(stream) for _ in range(n // b))]
@@ -125,38 +103,38 @@ def test_augment_batch_is_a_function_of_seed_and_example():
 @pytest.fixture(scope="module")
 def synthetic_export(synthetic_data_dir, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("export"))
-    ip.export_arrays(DataConfig(data_dir=synthetic_data_dir), out)
+    export_arrays(DataConfig(data_dir=synthetic_data_dir), out)
     return out
 
 
 def test_export_round_trip_and_refusals(synthetic_data_dir, synthetic_export, tmp_path):
     for split in ("train", "validation"):
-        a = ip.load_split(DataConfig(data_dir=synthetic_data_dir), split)
-        b = ip.load_split(DataConfig(data_dir=synthetic_export), split)
+        a = datasets.load_split(DataConfig(data_dir=synthetic_data_dir), split)
+        b = datasets.load_split(DataConfig(data_dir=synthetic_export), split)
         assert all(np.array_equal(a[k], b[k]) for k in a)
-    small = ip.load_split(DataConfig(data_dir=synthetic_export, image_size=48), "train")
+    small = datasets.load_split(DataConfig(data_dir=synthetic_export, image_size=48), "train")
     assert small["image"].shape[1:] == (48, 48, 1)
-    with pytest.raises(ip.DatasetError, match=r"is not empty: it holds an export \(lgcn_arrays.json\)"):
-        ip.export_arrays(DataConfig(data_dir=synthetic_data_dir), synthetic_export)
-    with pytest.raises(ip.DatasetError, match="export of dataset 'synthetic', but data.dataset is '300w'"):
-        ip.load_split(DataConfig(dataset="300w", data_dir=synthetic_export), "train")
+    with pytest.raises(datasets.DatasetError, match=r"is not empty: it holds an export \(lgcn_arrays.json\)"):
+        export_arrays(DataConfig(data_dir=synthetic_data_dir), synthetic_export)
+    with pytest.raises(datasets.DatasetError, match="export of dataset 'synthetic', but data.dataset is '300w'"):
+        datasets.load_split(DataConfig(dataset="300w", data_dir=synthetic_export), "train")
     # A truncated array file names itself.
     copy = tmp_path / "copy"
     copy.mkdir()
     for f in os.listdir(synthetic_export):
         data = open(os.path.join(synthetic_export, f), "rb").read()
         (copy / f).write_bytes(data[: len(data) // 2] if f == "train.npz" else data)
-    with pytest.raises(ip.DatasetError, match=r"train\.npz is truncated or corrupt"):
-        ip.load_split(DataConfig(data_dir=str(copy)), "train")
+    with pytest.raises(datasets.DatasetError, match=r"train\.npz is truncated or corrupt"):
+        datasets.load_split(DataConfig(data_dir=str(copy)), "train")
 
 
 def test_absent_300w_split_says_how_to_add_it(tmp_path):
     export = tmp_path / "e"
     export.mkdir()
     np.savez(export / "common.npz", image=np.zeros((2, 8, 8, 1), np.uint8), landmarks=np.zeros((2, 68, 2), np.float32))
-    (export / ip.ARRAYS_META).write_text(json.dumps({"format": 1, "dataset": "300w", "splits": {"common": {"file": "common.npz", "num_examples": 2}}}))
-    with pytest.raises(ip.DatasetError, match=r"'challenging' is not in the build.*it needs ibug.*build_300w --manual_dir"):
-        ip.load_split(DataConfig(dataset="300w", data_dir=str(export), image_size=8), "challenging")
+    (export / datasets.ARRAYS_META).write_text(json.dumps({"format": 1, "dataset": "300w", "splits": {"common": {"file": "common.npz", "num_examples": 2}}}))
+    with pytest.raises(datasets.DatasetError, match=r"'challenging' is not in the build.*it needs ibug.*build_300w --manual_dir"):
+        datasets.load_split(DataConfig(dataset="300w", data_dir=str(export), image_size=8), "challenging")
 
 
 def test_holdout_keeps_photos_whole_and_is_stable():
@@ -164,17 +142,17 @@ def test_holdout_keeps_photos_whole_and_is_stable():
              + [f"helen/trainset/{p}_1.jpg" for p in range(300)] + [f"lfpw/trainset/image_{i:04d}.jpg" for i in range(1, 201)])
     n = len(names)
     data = {"image": np.arange(n).reshape(n, 1, 1, 1), "landmarks": np.zeros((n, 68, 2), np.float32), "file_name": np.array(names)}
-    train, val = ip.holdout(data, 59)
+    train, val = datasets.holdout(data, 59)
     assert len(train["image"]) + len(val["image"]) == n and 59 <= len(val["image"]) <= 65
-    assert not set(map(ip.photo_id, train["file_name"])) & set(map(ip.photo_id, val["file_name"]))
+    assert not set(map(datasets.photo_id, train["file_name"])) & set(map(datasets.photo_id, val["file_name"]))
     folders = [f.split("/")[0] for f in val["file_name"]]
     # 10% of each subset (90, 300 and 200 faces); AFW photos hold 3 faces, so it may overshoot by 2.
     assert 9 <= folders.count("afw") <= 11 and folders.count("helen") == 30 and folders.count("lfpw") == 20
-    assert ip.photo_id("lfpw/trainset/image_0046.jpg") == "lfpw/trainset/image_0046"
-    assert ip.photo_id("afw/4538917191_16.jpg") == "afw/4538917191"
+    assert datasets.photo_id("lfpw/trainset/image_0046.jpg") == "lfpw/trainset/image_0046"
+    assert datasets.photo_id("afw/4538917191_16.jpg") == "afw/4538917191"
     # The same faces on every call and whatever the order of the rows.
     perm = np.random.default_rng(0).permutation(n)
-    _, val2 = ip.holdout({k: v[perm] for k, v in data.items()}, 59)
+    _, val2 = datasets.holdout({k: v[perm] for k, v in data.items()}, 59)
     assert sorted(val2["file_name"]) == sorted(val["file_name"])
 
 

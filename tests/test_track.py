@@ -11,7 +11,8 @@ import pytest
 from PIL import Image
 
 import lgcn_jax
-from lgcn_jax.detect import detect, main
+from lgcn_jax.cli.detect import main
+from lgcn_jax.detect import detect
 from lgcn_jax.video import VideoError, read_frames
 
 PHOTO = os.path.join(os.path.dirname(matplotlib.__file__), "mpl-data", "sample_data", "grace_hopper.jpg")
@@ -26,7 +27,7 @@ def clip():
     still photo, carried through the frame's own similarity transform.
     """
     photo = np.asarray(Image.open(PHOTO).convert("L"))
-    (still,) = detect(photo)
+    (still,) = detect(photo, "300w_paper")
     centre = still.landmarks.mean(0)
     frames, truths, inside = [], [], []
     for i in range(34):
@@ -116,6 +117,7 @@ def test_cli_video_writes_json_lines_and_annotated_video(clip, tmp_path, capsys)
     assert lines[3]["time_s"] == pytest.approx(0.3)
     first = lines[0]["faces"][0]
     assert first["track_id"] == 0 and len(first["landmarks"]) == 68
+    assert {d["model"] for d in lines} == {lgcn_jax.release.default_weights()}  # what ran is recorded
     # MJPG round trip: the landmarks stay close to those of the clean frame.
     assert nme(np.array(lines[5]["faces"][0]["landmarks"]), truths[5]) < 0.05
     annotated = list(read_frames(str(out / "clip_landmarks.mp4")))

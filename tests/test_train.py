@@ -14,7 +14,13 @@ import pytest
 
 import lgcn_jax
 from data_prep.synthetic_faces import make_split
-from lgcn_jax import checkpoint, train
+from lgcn_jax import checkpoint, workdir
+from lgcn_jax.cli import train as cli_train
+from lgcn_jax.config import read_config, write_config
+from lgcn_jax.errors import CheckpointError
+from lgcn_jax.evaluation import eval_step
+from lgcn_jax.step import train_step
+from lgcn_jax.train_state import create_train_state
 from tests.conftest import tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -29,13 +35,13 @@ def test_tiny_net_overfits_a_handful_of_faces():
     batch = {"image": jnp.asarray(images[..., None] / 255.0, jnp.float32), "landmarks": jnp.asarray(lms)}
     cfg = tiny_config(learning_rate=1e-2)
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, num_filters=16, local_5x5_layers=2, local_3x3_layers=2))
-    state = train.create_train_state(cfg)
-    before = float(np.mean(lgcn_jax.metrics.nme(np.asarray(train.eval_step(state.net, batch["image"])), lms)))
+    state = create_train_state(cfg)
+    before = float(np.mean(lgcn_jax.metrics.nme(np.asarray(eval_step(state.net, batch["image"])), lms)))
     losses = []
     for _ in range(200):
-        state, m = train.train_step(state, batch)
+        state, m = train_step(state, batch)
         losses.append(float(m["loss"]))
-    after = float(np.mean(lgcn_jax.metrics.nme(np.asarray(train.eval_step(state.net, batch["image"])), lms)))
+    after = float(np.mean(lgcn_jax.metrics.nme(np.asarray(eval_step(state.net, batch["image"])), lms)))
     assert losses[-1] < 0.2 * losses[0]
     # Inference mode (BatchNorm statistics of the last batch) must localise the faces it saw.
     assert after < 0.2 * before and after < 0.1, (before, after)
@@ -47,9 +53,9 @@ def test_train_step_is_deterministic():
     cfg = tiny_config(optimizer="momentum", learning_rate=0.01, grad_clip=0.1)
     outs = []
     for _ in range(2):
-        s = train.create_train_state(cfg)
+        s = create_train_state(cfg)
         for _ in range(3):
-            s, _ = train.train_step(s, batch)
+            s, _ = train_step(s, batch)
         outs.append(s)
     assert _trees_equal(outs[0].net.params, outs[1].net.params)
     assert int(outs[0].step) == 3
@@ -57,10 +63,10 @@ def test_train_step_is_deterministic():
 
 def test_checkpoint_round_trip(tmp_path):
     cfg = tiny_config()
-    state = train.create_train_state(cfg, jax.random.key(3))
+    state = create_train_state(cfg, jax.random.key(3))
     ck = checkpoint.Checkpoints(str(tmp_path), keep=2)
     ck.save(7, state)
-    fresh = train.create_train_state(cfg, jax.random.key(4))
+    fresh = create_train_state(cfg, jax.random.key(4))
     restored = ck.restore(7, fresh)
     ck.close()
     assert int(restored.step) == int(state.step)
@@ -71,7 +77,7 @@ def test_checkpoint_round_trip(tmp_path):
 
 def test_corrupt_checkpoint_gives_clear_error(tmp_path):
     cfg = tiny_config()
-    state = train.create_train_state(cfg)
+    state = create_train_state(cfg)
     ck = checkpoint.Checkpoints(str(tmp_path))
     ck.save(1, state)
     for root, _, files in os.walk(tmp_path / "last" / "1"):
@@ -79,7 +85,7 @@ def test_corrupt_checkpoint_gives_clear_error(tmp_path):
             if "manifest" in f or f.endswith(".ocdbt") or "d" == f[:1]:
                 with open(os.path.join(root, f), "wb") as fh:
                     fh.write(b"garbage")
-    with pytest.raises(checkpoint.CheckpointError, match="cannot restore"):
+    with pytest.raises(CheckpointError, match="cannot restore"):
         ck.restore(1, state)
     ck.close()
 
@@ -113,7 +119,7 @@ def test_cli_bad_flag():
 
 def test_cli_refuses_incompatible_workdir(tmp_path):
     wd = tmp_path / "wd"
-    checkpoint.write_config(str(wd), lgcn_jax.get_config("quick"))
+    write_config(str(wd), lgcn_jax.get_config("quick"))
     (wd / "last").mkdir()
     (wd / "last" / "keep.txt").write_text("user data")
     before = (wd / "config.json").read_text()
@@ -157,10 +163,8 @@ def test_sigkill_mid_run_then_resume(tmp_path, synthetic_data_dir):
 
 
 def test_export_workdir_recalibrates_and_never_overwrites(trained_workdir, tmp_path, capsys):
-    import run_train
-
     out = tmp_path / "release"
-    assert run_train.main(["--workdir", trained_workdir, "--export", str(out), "--recalibrate", "2"]) == 0
+    assert cli_train.main(["--workdir", trained_workdir, "--export", str(out), "--recalibrate", "2"]) == 0
     model = lgcn_jax.load_model(str(out))
     best = lgcn_jax.load_model(trained_workdir)
     assert _trees_equal(model.params.params, best.params.params)
@@ -168,27 +172,27 @@ def test_export_workdir_recalibrates_and_never_overwrites(trained_workdir, tmp_p
     assert sorted(os.listdir(out)) == ["config.json", "params.msgpack", "shape_model.npz"]
     before = {f: (out / f).read_bytes() for f in os.listdir(out)}
     capsys.readouterr()
-    assert run_train.main(["--workdir", trained_workdir, "--export", str(out)]) == 1
+    assert cli_train.main(["--workdir", trained_workdir, "--export", str(out)]) == 1
     assert "is not empty; nothing was written" in capsys.readouterr().err
     assert {f: (out / f).read_bytes() for f in os.listdir(out)} == before
 
 
 def test_workdir_of_another_dataset_is_refused(trained_workdir):
-    stored = checkpoint.read_config(trained_workdir)
+    stored = read_config(trained_workdir)
     other = dataclasses.replace(stored, data=dataclasses.replace(stored.data, dataset="300w"))
     with pytest.raises(lgcn_jax.CheckpointError, match="data.dataset: stored 'synthetic', requested '300w'"):
-        checkpoint.check_workdir_config(trained_workdir, other)
+        workdir.check_workdir_config(trained_workdir, other)
 
 
 @pytest.mark.parametrize("field, value", [("dilation_as_phases", False), ("compute_dtype", "bfloat16"), ("fused_batch_norm", False),
                                           ("fold_batch_norm", False)])
 def test_workdir_resumes_with_another_execution_setting(trained_workdir, field, value):
-    """model.dilation_as_phases, compute_dtype, fused_batch_norm and fold_batch_norm change how the network runs, not its
+    """execution.dilation_as_phases, compute_dtype, fused_batch_norm and fold_batch_norm change how the network runs, not its
     weights: no refusal."""
-    stored = checkpoint.read_config(trained_workdir)
-    assert getattr(stored.model, field) != value
-    other = dataclasses.replace(stored, model=dataclasses.replace(stored.model, **{field: value}))
-    assert checkpoint.check_workdir_config(trained_workdir, other) == stored
+    stored = read_config(trained_workdir)
+    assert getattr(stored.execution, field) != value
+    other = dataclasses.replace(stored, execution=dataclasses.replace(stored.execution, **{field: value}))
+    assert workdir.check_workdir_config(trained_workdir, other) == stored
 
 
 def test_fine_tuning_starts_from_the_weights_of_init_from(trained_workdir, tmp_path):
@@ -206,7 +210,7 @@ def test_fine_tuning_starts_from_the_weights_of_init_from(trained_workdir, tmp_p
     close = jax.tree_util.tree_map(lambda a, b: bool(np.allclose(a, b, rtol=0, atol=1e-8)), tuned.params, src.params)
     assert all(jax.tree_util.tree_leaves(close))  # two steps at a learning rate of 1e-12
     # What the run would have started from without init_from (the same seed; the source moved 4 Adam steps from it).
-    fresh = train.create_train_state(cfg).net.params
+    fresh = create_train_state(cfg).net.params
     assert max(float(np.abs(a - b).max()) for a, b in zip(jax.tree_util.tree_leaves(fresh), jax.tree_util.tree_leaves(src.params))) > 1e-3
     # Step 0 validates the source's weights: the same faces and BatchNorm recalibration give its last NME.
     val = lambda wd: [r for r in read_metrics(wd) if "val/nme" in r]
@@ -223,39 +227,35 @@ def test_init_from_of_another_network_or_unknown_name_is_refused(trained_workdir
     _, src_cfg = lgcn_jax.load_params(trained_workdir)
     wd = tmp_path / "ft"
     other = lgcn_jax.apply_overrides(src_cfg, [f"train.init_from={trained_workdir}", "model.num_filters=4"])
-    with pytest.raises(checkpoint.CheckpointError) as e:
+    with pytest.raises(CheckpointError) as e:
         lgcn_jax.train_and_evaluate(other, str(wd), progress=False)
     assert f"train.init_from={trained_workdir!r}" in str(e.value) and "model.num_filters: stored 8, requested 4" in str(e.value)
     assert "with its own network (the network settings of its config.json)" in str(e.value)  # the tiny network is no preset
-    with pytest.raises(checkpoint.CheckpointError, match=r"(?s)model.num_filters: stored 128, requested 8.*\(run_train.py --preset paper\)"):
+    with pytest.raises(CheckpointError, match=r"(?s)model.num_filters: stored 128, requested 8.*\(run_train.py --preset paper\)"):
         lgcn_jax.train_and_evaluate(lgcn_jax.apply_overrides(src_cfg, ["train.init_from=300w_paper"]), str(wd), progress=False)
     unknown = lgcn_jax.apply_overrides(src_cfg, ["train.init_from=no_such_weights"])
-    with pytest.raises(checkpoint.CheckpointError, match="no released checkpoint of that name.*available: .*300w_paper"):
+    with pytest.raises(CheckpointError, match="no released checkpoint of that name.*available: .*300w_paper"):
         lgcn_jax.train_and_evaluate(unknown, str(wd), progress=False)
     assert not wd.exists()  # refused before anything was written
 
 
 def test_cli_init_from_folder_is_stored_absolute_and_a_name_as_given(tmp_path, monkeypatch):
-    import run_train
-
     monkeypatch.chdir(tmp_path)
     (tmp_path / "runs" / "a").mkdir(parents=True)
-    assert run_train.parse_args(["--workdir", "w", "--init_from", "runs/a"]).init_from == str(tmp_path / "runs" / "a")
-    assert run_train.parse_args(["--workdir", "w", "--init_from", "300w_paper"]).init_from == "300w_paper"
+    assert cli_train.parse_args(["--workdir", "w", "--init_from", "runs/a"]).init_from == str(tmp_path / "runs" / "a")
+    assert cli_train.parse_args(["--workdir", "w", "--init_from", "300w_paper"]).init_from == "300w_paper"
 
 
 def test_export_calibrates_x_offset_on_the_validation_faces(trained_workdir, tmp_path, capsys):
     """--calibrate_x_offset stores the mean horizontal residual of the validation split (not a test split), so the
     exported model's x is unbiased there; the offset moves every decoded x and nothing else."""
-    import run_train
-
-    from lgcn_jax import evaluation, input_pipeline, train
+    from lgcn_jax import datasets, evaluation, train
 
     best = lgcn_jax.load_model(trained_workdir)
-    val = input_pipeline.load_split(best.config.data, "validation")
+    val = datasets.load_split(best.config.data, "validation")
     want = evaluation.horizontal_offset(best, val)
     out = tmp_path / "calibrated"
-    assert run_train.main(["--workdir", trained_workdir, "--export", str(out), "--calibrate_x_offset"]) == 0
+    assert cli_train.main(["--workdir", trained_workdir, "--export", str(out), "--calibrate_x_offset"]) == 0
     model = lgcn_jax.load_model(str(out))
     assert model.config.postprocess.x_offset == pytest.approx(want, abs=1e-4) and model.config.postprocess.x_offset != 0.0
     assert _trees_equal(model.params.params, best.params.params)
@@ -268,7 +268,7 @@ def test_export_calibrates_x_offset_on_the_validation_faces(trained_workdir, tmp
     moved = dict(val, landmarks=val["landmarks"] + np.array([0.5, 0.0], np.float32))
     assert evaluation.horizontal_offset(best, moved) == pytest.approx(want + 0.5, abs=1e-5)
     with pytest.raises(SystemExit):
-        run_train.main(["--workdir", trained_workdir, "--calibrate_x_offset"])
+        cli_train.main(["--workdir", trained_workdir, "--calibrate_x_offset"])
     assert "--calibrate_x_offset goes with --export" in capsys.readouterr().err
     # a 300-W run without held-out faces would calibrate on the test subset: refused before any data is read
     no_holdout = tmp_path / "no_holdout"
@@ -281,3 +281,43 @@ def test_export_calibrates_x_offset_on_the_validation_faces(trained_workdir, tmp
     assert not (tmp_path / "never").exists()
     with pytest.raises(ValueError, match="x_offset must be a finite number"):
         model.with_postprocess(x_offset=float("nan"))
+
+
+OLD_WORKDIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "workdir_v0_1")
+
+
+def test_a_workdir_written_by_lgcn_jax_0_1_loads_resumes_and_exports(tmp_path, synthetic_data_dir):
+    """tests/data/workdir_v0_1: a tiny run written by lgcn_jax 0.1 (orbax checkpoints at step 2, its config.json
+    with the execution settings in "model", dilation_as_phases=false there).  It loads with the same weights and
+    settings, resumes to step 4 under the current code, and exports a model folder that loads back."""
+    wd = tmp_path / "old"
+    shutil.copytree(OLD_WORKDIR, wd)
+    stored = json.loads((wd / "config.json").read_text())
+    assert "execution" not in stored and stored["model"]["dilation_as_phases"] is False
+    model = lgcn_jax.load_model(str(wd))
+    assert model.execution.dilation_as_phases is False and model.params.config.num_filters == 8
+    np.testing.assert_allclose(np.ravel(model.params.params["head_main"]["kernel"])[:3], [-0.00245681, 0.05058024, -0.00846357], rtol=1e-6)
+    cfg = lgcn_jax.apply_overrides(read_config(str(wd)), [f"data.data_dir={synthetic_data_dir}", "train.num_steps=4"])
+    lgcn_jax.train_and_evaluate(cfg, str(wd), progress=False)
+    assert sorted(int(s) for s in os.listdir(wd / "last") if s.isdigit())[-1] == 4
+    assert json.loads((wd / "config.json").read_text())["execution"]["dilation_as_phases"] is False  # written in today's layout
+    out = tmp_path / "release"
+    assert cli_train.main(["--workdir", str(wd), "--export", str(out)]) == 0
+    again = lgcn_jax.load_model(str(out))
+    assert again.execution.dilation_as_phases is False
+    assert _trees_equal(again.params.params, lgcn_jax.load_model(str(wd)).params.params)
+
+
+def test_loading_a_model_installs_nothing_and_writes_nothing(tmp_path):
+    """load_model / load_params only read: no log file in the folder, no process-wide hooks (the programs and
+    train_and_evaluate install those for themselves)."""
+    import logging
+
+    wd = tmp_path / "old"
+    shutil.copytree(OLD_WORKDIR, wd)
+    before = sorted(os.listdir(wd))
+    hook, filters = sys.unraisablehook, list(logging.getLogger("asyncio").filters)
+    lgcn_jax.load_model(str(wd))
+    lgcn_jax.load_params(str(wd), which="last")
+    assert sorted(os.listdir(wd)) == before and "lgcn.log" not in before
+    assert sys.unraisablehook is hook and logging.getLogger("asyncio").filters == filters
