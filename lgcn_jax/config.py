@@ -84,6 +84,10 @@ class ExecutionConfig:
     # GPU runs as one cuDNN call.  Training, compute_dtype=bfloat16 and False run the unfolded
     # arithmetic.  Same function (to float rounding) and weights either way.
     fold_batch_norm: bool = True
+    # True: where the local subnet has fewer features than landmarks, the main head's 1x1 convolution runs
+    # after the blur instead of before it (the blur is linear: blur(x W + b) = blur(x) W + blur(1) b), so
+    # fewer maps are blurred.  Same function (to float rounding) and weights either way.
+    blur_features: bool = True
 
 
 # The fields of ExecutionConfig; configs written before it existed keep them in their "model" section.

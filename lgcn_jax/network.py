@@ -74,14 +74,25 @@ class LGCN(nn.Module):
         n = m.num_landmarks
         # The heads, the blur and everything after them stay f32 (dtype=f32 promotes a bf16 input):
         # the maps' sub-pixel peaks are read from small differences of their logs.
-        main = nn.Conv(n, (1, 1), kernel_init=conv_init, dtype=jnp.float32, name="head_main")(x)
         side = conv_bn(x, n, 1, 1, "head_side", jnp.float32, 0.0)
-        # One blur call for both heads: 2n channels in a single pair of matmuls, at the convolutions'
-        # precision (JAX's default: TF32 on recent NVIDIA GPUs, full f32 on CPUs). In full f32 a GPU
-        # runs them as SIMT GEMMs (5.5 ms of a 91 ms step on an H200); TF32 moved the released
-        # model's landmarks by 0.001 px on average, NME unchanged (docs/architecture.md).
-        blurred = kernel_conv(jnp.concatenate([main, side], axis=-1), model_kernel(m), precision=None) * m.kernel_output_scale
-        o1 = blurred[..., :n]
+        # One blur call for both heads, at the convolutions' precision (JAX's default: TF32 on recent
+        # NVIDIA GPUs, full f32 on CPUs; docs/architecture.md says what TF32 changed).
+        kernel = model_kernel(m)
+        if run.blur_features and x.shape[-1] + 1 < n and not self.is_initializing():
+            # The blur is linear and channel-wise, so blur(x W + b) = blur(x) W + blur(1) b: with fewer
+            # features than landmarks, blurring the features (and a map of ones, for the bias under the
+            # zero padding) is the same function on fewer channels.
+            head = self.variables["params"]["head_main"]
+            f = x.shape[-1]
+            ones = jnp.ones(x.shape[:-1] + (1,), jnp.float32)
+            blurred = kernel_conv(jnp.concatenate([x.astype(jnp.float32), ones, side], axis=-1), kernel, precision=None)
+            o1 = (blurred[..., :f] @ head["kernel"][0, 0] + blurred[..., f:f + 1] * head["bias"]) * m.kernel_output_scale
+            side_blurred = blurred[..., f + 1:] * m.kernel_output_scale
+        else:
+            main = nn.Conv(n, (1, 1), kernel_init=conv_init, dtype=jnp.float32, name="head_main")(x)
+            blurred = kernel_conv(jnp.concatenate([main, side], axis=-1), kernel, precision=None) * m.kernel_output_scale
+            o1, side_blurred = blurred[..., :n], blurred[..., n:]
+        blurred = jnp.concatenate([o1, side_blurred], axis=-1)
         d = m.global_dilation
         phases = run.dilation_as_phases and d > 1 and blurred.shape[1] % d == 0 and blurred.shape[2] % d == 0
         y = to_phases(blurred, d) if phases else blurred

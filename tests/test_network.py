@@ -150,9 +150,34 @@ def test_phases_round_trip():
 def test_network_blur_runs_at_default_matmul_precision(params):
     """The blur follows JAX's default precision like the convolutions (TF32 on GPUs); a full-f32 blur
     ran as slow SIMT GEMMs there (docs/architecture.md)."""
-    text = jax.jit(lgcn_jax.apply).lower(params, jnp.zeros((1, 32, 32, 1))).as_text()
-    dots = [line for line in text.splitlines() if "dot_general" in line]
-    assert len(dots) == 2 and not any("HIGHEST" in line for line in dots), dots
+    for blur_features, count in ((False, 2), (True, 3)):  # the blur's two matmuls (and the main head's, after it)
+        net = params.with_execution(ExecutionConfig(blur_features=blur_features))
+        text = jax.jit(lgcn_jax.apply).lower(net, jnp.zeros((1, 32, 32, 1))).as_text()
+        dots = [line for line in text.splitlines() if "dot_general" in line]
+        assert len(dots) == count and not any("HIGHEST" in line for line in dots), dots
+
+
+def test_blurring_the_features_equals_blurring_the_main_head(params):
+    """execution.blur_features: with fewer features than landmarks the main head's 1x1 convolution runs after the
+    blur (the bias through a blurred map of ones); the same outputs, statistics and gradients as the head before it."""
+    assert params.config.num_filters + 1 < params.config.num_landmarks
+    on, off = params, params.with_execution(ExecutionConfig(blur_features=False))
+    x = jax.random.uniform(jax.random.key(1), (2, 32, 32, 1))
+    np.testing.assert_allclose(lgcn_jax.apply(on, x), lgcn_jax.apply(off, x), rtol=1e-5, atol=1e-7)
+    train = jax.jit(lgcn_jax.apply_train)
+    for a, b in zip(jax.tree_util.tree_leaves(train(on, x, jax.random.key(2))), jax.tree_util.tree_leaves(train(off, x, jax.random.key(2)))):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
+
+    def loss(p, net):
+        o1, o2, _ = lgcn_jax.apply_train(net.replace(params=p), x, jax.random.key(2))
+        return jnp.sum((o1 + o2) * jnp.cos(jnp.arange(o2.size).reshape(o2.shape)))
+
+    grad = jax.jit(jax.grad(loss))
+    g_on, g_off = grad(on.params, on), grad(off.params, off)
+    for name in ("head_main", "head_side_conv", "local5_0_conv"):
+        for leaf in ("kernel", "bias") if name == "head_main" else ("kernel",):
+            b = np.asarray(g_off[name][leaf])
+            np.testing.assert_allclose(np.asarray(g_on[name][leaf]), b, rtol=1e-3, atol=1e-4 * np.abs(b).max(), err_msg=name)
 
 
 def _conv_input_dtypes(fn, *args) -> list[str]:
@@ -164,8 +189,8 @@ def test_bf16_compute_runs_the_blocks_in_bf16_and_stays_close_to_f32():
     """execution.compute_dtype="bfloat16": every conv-BN-ReLU block computes in bf16, the three 1x1 heads
     (and the blur, the outputs) in f32; same weights, outputs and gradients within bf16 rounding."""
     m = dataclasses.replace(tiny_config().model, global_layers=2)
-    f32 = lgcn_jax.init(jax.random.key(0), m)
-    bf16 = f32.replace(execution=ExecutionConfig(compute_dtype="bfloat16"))
+    f32 = lgcn_jax.init(jax.random.key(0), m).with_execution(ExecutionConfig(blur_features=False))  # three 1x1 head convolutions
+    bf16 = f32.replace(execution=ExecutionConfig(compute_dtype="bfloat16", blur_features=False))
     x = jax.random.uniform(jax.random.key(1), (2, 32, 32, 1))
     blocks = m.local_5x5_layers + m.local_3x3_layers + m.global_layers
     assert _conv_input_dtypes(lambda p, x: lgcn_jax.apply_train(p, x, jax.random.key(0)), bf16, x) == \

@@ -185,10 +185,9 @@ def test_workdir_of_another_dataset_is_refused(trained_workdir):
 
 
 @pytest.mark.parametrize("field, value", [("dilation_as_phases", False), ("compute_dtype", "bfloat16"), ("fused_batch_norm", False),
-                                          ("fold_batch_norm", False)])
+                                          ("fold_batch_norm", False), ("blur_features", False)])
 def test_workdir_resumes_with_another_execution_setting(trained_workdir, field, value):
-    """execution.dilation_as_phases, compute_dtype, fused_batch_norm and fold_batch_norm change how the network runs, not its
-    weights: no refusal."""
+    """The execution settings change how the network runs, not its weights: no refusal."""
     stored = read_config(trained_workdir)
     assert getattr(stored.execution, field) != value
     other = dataclasses.replace(stored, execution=dataclasses.replace(stored.execution, **{field: value}))
