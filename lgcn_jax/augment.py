@@ -1,9 +1,9 @@
 """Training augmentation in jnp: similarity warp, mirror and photometric change, on the device.
 
-The same transformation as the tf.data path (``input_pipeline._augment``), written once
-in jnp so that a machine without TensorFlow augments inside the jit-compiled training
-step, vmapped over the batch.  Seven uniform numbers ``u`` in [-1, 1) define one
-example's change (``sample_params``); ``augment_example`` applies them:
+The one implementation of the training augmentation: it runs inside the jit-compiled training
+step, vmapped over the batch, whichever stream (tf.data or NumPy) gathered the batch.  Seven
+uniform numbers ``u`` in [-1, 1) define one example's change (``sample_params``);
+``augment_example`` applies them:
 
   u[0] rotation   angle = u0 * max_rotation_deg
   u[1] scale      1 + u1 * max_scale_delta
@@ -42,14 +42,17 @@ def sample_params(key: jax.Array) -> jax.Array:
     return jax.random.uniform(key, (NUM_PARAMS,), jnp.float32, -1.0, 1.0)
 
 
-def augment_example(image: jax.Array, landmarks: jax.Array, u: jax.Array, config: DataConfig) -> tuple[jax.Array, jax.Array]:
+def augment_example(image: jax.Array, landmarks: jax.Array, u: jax.Array, config: DataConfig, maps: jax.Array | None = None):
     """Apply the change ``u`` f32[7] to one example.
 
     Args:
       image: f32[S, S, 1] in [0, 1].
       landmarks: f32[L, 2] (x, y) pixels; L must be 68 when ``config.flip``.
+      maps: optional f32[S, S, L], one map per landmark (a teacher's heatmaps): moved with the pixels
+        (zero outside the image) and, when mirrored, reordered with the points.
     Returns:
-      the warped image f32[S, S, 1] (bilinear, edges reflected) and landmarks f32[L, 2].
+      the warped image f32[S, S, 1] (bilinear, edges reflected) and landmarks f32[L, 2]; and the maps
+      f32[S, S, L] when given.
     """
     size = image.shape[0]
     s = float(size)
@@ -75,23 +78,32 @@ def augment_example(image: jax.Array, landmarks: jax.Array, u: jax.Array, config
     contrast = lo + (u[5] + 1.0) / 2.0 * (hi - lo)
     mean = warped.mean()
     warped = (warped - mean) * contrast + mean + u[6] * config.brightness_delta
-    return jnp.clip(warped, 0.0, 1.0)[..., None], out_lm
+    out_image = jnp.clip(warped, 0.0, 1.0)[..., None]
+    if maps is None:
+        return out_image, out_lm
+    moved = jax.vmap(lambda m: jax.scipy.ndimage.map_coordinates(m, [src_y, src_x], order=1, mode="constant"), in_axes=2, out_axes=2)(
+        maps.astype(jnp.float32))
+    return out_image, out_lm, jnp.where(flip, moved[..., FLIP_PERMUTATION], moved)
 
 
-def augment_batch(images: jax.Array, landmarks: jax.Array, examples: jax.Array, seed: int, config: DataConfig) -> tuple[jax.Array, jax.Array]:
+def augment_batch(images: jax.Array, landmarks: jax.Array, examples: jax.Array, seed: int, config: DataConfig,
+                  maps: jax.Array | None = None):
     """Augment a batch on the device; jit- and vmap-friendly.
 
     Args:
       images: u8[B, S, S, 1] or f32[B, S, S, 1] in [0, 1].
       landmarks: f32[B, L, 2].
       examples: i32[B] global example indices (step * batch + i), the source of randomness.
+      maps: optional f32[B, S, S, L] (or f16) per-landmark maps changed with the pixels (``augment_example``).
     Returns:
-      images f32[B, S, S, 1] in [0, 1] and landmarks f32[B, L, 2].
+      images f32[B, S, S, 1] in [0, 1] and landmarks f32[B, L, 2]; and the maps f32[B, S, S, L] when given.
     """
     images = images.astype(jnp.float32) / 255.0 if images.dtype == jnp.uint8 else images.astype(jnp.float32)
     if not config.augment:
-        return images, landmarks
+        return (images, landmarks) if maps is None else (images, landmarks, maps.astype(jnp.float32))
     if config.flip and landmarks.shape[-2] != NUM_POINTS:
         raise ValueError(f"mirroring needs the 68-point markup, got {landmarks.shape[-2]} points; set data.flip=false")
     u = jax.vmap(sample_params)(example_keys(seed, examples))
-    return jax.vmap(lambda im, lm, p: augment_example(im, lm, p, config))(images, landmarks, u)
+    if maps is None:
+        return jax.vmap(lambda im, lm, p: augment_example(im, lm, p, config))(images, landmarks, u)
+    return jax.vmap(lambda im, lm, p, m: augment_example(im, lm, p, config, m))(images, landmarks, u, maps)

@@ -126,6 +126,11 @@ class TrainConfig:
     # ("300w_paper"). The network must be the same; its parameters and BatchNorm statistics are
     # taken, the optimiser starts afresh at step 0. A run that resumes restores its own checkpoint.
     init_from: str = ""
+    # Distillation: another network's heatmaps of each training crop (computed once at the start and kept in
+    # WORKDIR/teacher_maps.npz) take this share of the loss's target, moved with the crop by the augmentation.
+    # A checkpoint folder or released weights ("300w_paper") of the same dataset and landmarks; "" for none.
+    distill_from: str = ""
+    distill_weight: float = 0.5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -332,6 +337,8 @@ def validate(config: Config) -> None:
             raise ValueError(f"train.{name} must be at least 1, got {getattr(t, name)} (a large value makes it rare)")
     if not (math.isfinite(t.learning_rate) and t.learning_rate > 0):
         raise ValueError(f"train.learning_rate must be a positive number, got {t.learning_rate}")
+    if not 0.0 <= t.distill_weight <= 1.0:
+        raise ValueError(f"train.distill_weight is the teacher's share of the target, in [0, 1]; got {t.distill_weight}")
     if not 0.0 <= m.dropout_rate < 1.0:
         raise ValueError(f"model.dropout_rate must be in [0, 1), got {m.dropout_rate}")
     if d.image_size < 8:

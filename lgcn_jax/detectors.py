@@ -28,21 +28,44 @@ import numpy as np
 from lgcn_jax import crop as crop_lib
 from lgcn_jax import yunet
 
-__all__ = ["Detection", "FaceDetector", "HaarDetector", "YuNetDetector", "DlibDetector", "DETECTORS", "get_detector", "reduce_image"]
+__all__ = ["Detection", "FaceDetector", "FIVE_POINT_TEMPLATE", "frame_from_points", "HaarDetector", "YuNetDetector", "DlibDetector", "DETECTORS", "get_detector", "reduce_image"]
 
 
 @dataclasses.dataclass(frozen=True)
 class Detection:
     """A face candidate: the centre and the longer side (``size``, pixels) of the box its 68
-    landmarks would span, and its roll ``angle`` in radians (eye line against the x axis)."""
+    landmarks would span, and its roll ``angle`` in radians (eye line against the x axis).
+    ``points`` f64[5, 2], where the detector gives them (YuNet): the eyes (image-left first), the
+    nose tip and the mouth corners (image-left first), in image pixels."""
 
     center: np.ndarray
     size: float
     angle: float = 0.0
     score: float = 1.0
+    points: np.ndarray | None = None
 
 
 FaceDetector = Callable[[np.ndarray], list[Detection]]
+
+# Where YuNet's five points (eyes, nose tip, mouth corners; image-left first) sit in the face's upright frame:
+# x right, y down from the centre of the 68 landmarks' box, in units of the box's longer side (medians over
+# the 300-W training faces: bench/calibrate_five_points.py).
+FIVE_POINT_TEMPLATE = np.array([[-0.2319, -0.3129], [0.2164, -0.3084], [-0.0114, -0.0561], [-0.1961, 0.1318], [0.1840, 0.1350]])
+
+
+def frame_from_points(points: np.ndarray, template: np.ndarray = FIVE_POINT_TEMPLATE) -> tuple[np.ndarray, float, float]:
+    """(centre f64[2], longer side, roll) of the landmarks' box, from a detector's five points f[5, 2] (image pixels):
+    the least-squares similarity that maps ``template`` onto them (its translation, scale and rotation)."""
+    a = np.asarray(template, np.float64)
+    b = np.asarray(points, np.float64)
+    ac, bc = a - a.mean(0), b - b.mean(0)
+    dot = float(np.sum(ac * bc))
+    cross = float(np.sum(ac[:, 0] * bc[:, 1] - ac[:, 1] * bc[:, 0]))
+    scale = np.hypot(dot, cross) / float(np.sum(ac * ac))
+    angle = float(np.arctan2(cross, dot))
+    c, s = np.cos(angle), np.sin(angle)
+    center = b.mean(0) - scale * (np.array([[c, -s], [s, c]]) @ a.mean(0))
+    return center, float(scale), angle
 
 
 def reduce_image(gray: np.ndarray, max_side: int) -> tuple[np.ndarray, float]:
@@ -58,7 +81,8 @@ def _rescale(dets: list[Detection], factor: float) -> list[Detection]:
     """Detections on a copy reduced by ``factor`` -> full-image pixels (pixel centres at integers)."""
     if factor == 1.0:
         return dets
-    return [dataclasses.replace(d, center=(np.asarray(d.center) + 0.5) / factor - 0.5, size=d.size / factor) for d in dets]
+    return [dataclasses.replace(d, center=(np.asarray(d.center) + 0.5) / factor - 0.5, size=d.size / factor,
+                                points=None if d.points is None else (np.asarray(d.points) + 0.5) / factor - 0.5) for d in dets]
 
 
 def _merge(dets: list[Detection], overlap: float = 0.5) -> list[Detection]:
@@ -139,7 +163,7 @@ class YuNetDetector:
             # The shift is along the face's own downward axis.
             down = np.array([-np.sin(angle), np.cos(angle)])
             center = np.array([x + bw / 2 - 0.5, y + bh / 2 - 0.5]) + self.face_shift * side * down
-            out.append(Detection(center.astype(np.float64), side * self.face_scale, angle, float(score)))
+            out.append(Detection(center.astype(np.float64), side * self.face_scale, angle, float(score), np.asarray(pts, np.float64)))
         return _rescale(out, factor)
 
 

@@ -49,8 +49,11 @@ def _check(data: dict[str, np.ndarray]) -> int:
 
 
 def array_batches(data: dict[str, np.ndarray], batch_size: int, seed: int, start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
-    """Endless raw batches from step ``start_step``, gathered with NumPy (a permutation seeded by (seed, epoch))."""
+    """Endless raw batches from step ``start_step``, gathered with NumPy (a permutation seeded by (seed, epoch)).
+
+    A split's "teacher" maps (distillation: f16[N, S, S, L]) travel with their examples."""
     images, landmarks = data["image"], data["landmarks"].astype(np.float32)
+    teacher = data.get("teacher")
     n = _check(data)
     g = start_step * batch_size
     epoch, perm = -1, None
@@ -64,7 +67,10 @@ def array_batches(data: dict[str, np.ndarray], batch_size: int, seed: int, start
             idx[sel] = perm[ids[sel] % n]
         if ids[-1] >= MAX_EXAMPLES:
             raise DatasetError("the training stream passed 2**31 examples; start a new run")
-        yield {"image": images[idx], "landmarks": landmarks[idx], "example": ids.astype(np.int32)}
+        batch = {"image": images[idx], "landmarks": landmarks[idx], "example": ids.astype(np.int32)}
+        if teacher is not None:
+            batch["teacher"] = teacher[idx]
+        yield batch
         g += batch_size
 
 
@@ -93,8 +99,9 @@ def tf_batches(data: dict[str, np.ndarray], batch_size: int, seed: int, start_st
 
 
 def train_batches(data: dict[str, np.ndarray], config: DataConfig, batch_size: int, seed: int, start_step: int = 0):
-    """The training stream ``config.pipeline`` chooses (``resolve_pipeline``)."""
-    if resolve_pipeline(config) == "tf":
+    """The training stream ``config.pipeline`` chooses (``resolve_pipeline``); a split with teacher maps streams
+    through NumPy (a gigabyte of maps is not worth copying into a TensorFlow graph)."""
+    if resolve_pipeline(config) == "tf" and "teacher" not in data:
         return tf_batches(data, batch_size, seed, start_step, config.num_parallel_calls)
     return array_batches(data, batch_size, seed, start_step)
 

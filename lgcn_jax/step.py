@@ -18,24 +18,25 @@ from lgcn_jax.train_state import TrainState
 __all__ = ["loss", "train_step"]
 
 
-def loss(params: Any, net: network.LGCNParams, batch: dict, rng: jax.Array, loss_scale: float) -> tuple[jax.Array, Any]:
-    """Mean per-face loss of trainable ``params`` on a batch; returns (loss, new batch_stats)."""
+def loss(params: Any, net: network.LGCNParams, batch: dict, rng: jax.Array, loss_scale: float, teacher_weight: float = 0.0) -> tuple[jax.Array, Any]:
+    """Mean per-face loss of trainable ``params`` on a batch (with "teacher" maps: distillation); returns (loss, new batch_stats)."""
     net = net.replace(params=params)
     o1, o2, batch_stats = network.apply_train(net, batch["image"], rng)
-    per_face = heatmap_loss(o1, o2, batch["landmarks"], network.model_kernel(net.config), loss_scale, batch.get("mask"))
+    per_face = heatmap_loss(o1, o2, batch["landmarks"], network.model_kernel(net.config), loss_scale, batch.get("mask"),
+                            batch.get("teacher"), teacher_weight)
     return per_face.mean(), batch_stats
 
 
-@functools.partial(jax.jit, static_argnames=("loss_scale", "augment", "skip_nonfinite"), donate_argnums=0)
+@functools.partial(jax.jit, static_argnames=("loss_scale", "augment", "skip_nonfinite", "teacher_weight"), donate_argnums=0)
 def _train_step(state: TrainState, batch: dict, loss_scale: float, augment: DataConfig | None,
-                skip_nonfinite: bool = False) -> tuple[TrainState, dict]:
+                skip_nonfinite: bool = False, teacher_weight: float = 0.0) -> tuple[TrainState, dict]:
     if augment is not None:  # raw u8 batches of the input pipeline, changed here on the device
-        image, landmarks = augment_lib.augment_batch(batch["image"], batch["landmarks"], batch["example"], state.seed, augment)
-        batch = {**{k: v for k, v in batch.items() if k != "example"}, "image": image, "landmarks": landmarks}
+        changed = augment_lib.augment_batch(batch["image"], batch["landmarks"], batch["example"], state.seed, augment, batch.get("teacher"))
+        batch = {**{k: v for k, v in batch.items() if k != "example"}, **dict(zip(("image", "landmarks", "teacher"), changed))}
     # Dropout noise is a function of (seed, step): a resumed run draws the same masks.
     rng = jax.random.fold_in(jax.random.key(state.seed), state.step)
     grad_fn = jax.value_and_grad(loss, has_aux=True)
-    (value, batch_stats), grads = grad_fn(state.net.params, state.net, batch, rng, loss_scale)
+    (value, batch_stats), grads = grad_fn(state.net.params, state.net, batch, rng, loss_scale, teacher_weight)
     updates, opt_state = state.tx.update(grads, state.opt_state, state.net.params)
     params = optax.apply_updates(state.net.params, updates)
     new_state = state.replace(step=state.step + 1, net=state.net.replace(params=params, batch_stats=batch_stats), opt_state=opt_state)
@@ -49,18 +50,20 @@ def _train_step(state: TrainState, batch: dict, loss_scale: float, augment: Data
 
 
 def train_step(state: TrainState, batch: dict, loss_scale: float = 0.05, augment: DataConfig | None = None,
-               skip_nonfinite: bool = False) -> tuple[TrainState, dict]:
+               skip_nonfinite: bool = False, teacher_weight: float = 0.0) -> tuple[TrainState, dict]:
     """One optimisation step (jit-compiled; ``state`` is donated).
 
     Args:
-      batch: {"image": f32[B, H, W, 1] in [0, 1] or u8, "landmarks": f32[B, L, 2]} (optional "mask": f32[B, L]);
-        with ``augment``, a raw batch of ``input_pipeline`` that also holds "example": i32[B].
-      augment: a DataConfig: augment the batch on the device first (``lgcn_jax.augment``).
+      batch: {"image": f32[B, H, W, 1] in [0, 1] or u8, "landmarks": f32[B, L, 2]} (optional "mask": f32[B, L],
+        and "teacher": f32|f16[B, H, W, L], another network's heatmaps of these crops); with ``augment``, a raw
+        batch of ``input_pipeline`` that also holds "example": i32[B].
+      augment: a DataConfig: augment the batch (and its teacher maps) on the device first (``lgcn_jax.augment``).
       skip_nonfinite: a batch with a non-finite loss or gradient leaves the state unchanged but
         for the step count, and the metrics get "skipped" (1 for such a batch).
+      teacher_weight: the teacher maps' share of the target (``heatmap_loss``; ``train.distill_weight``).
     Returns:
       the new state and {"loss", "grad_norm"} scalars.
     """
     if augment is None and batch["image"].dtype == jnp.uint8:
         batch = {**batch, "image": network.check_images(batch["image"])}
-    return _train_step(state, batch, loss_scale, augment, skip_nonfinite)
+    return _train_step(state, batch, loss_scale, augment, skip_nonfinite, teacher_weight)

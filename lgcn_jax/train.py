@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
 import signal
 import threading
@@ -20,19 +21,21 @@ from tqdm.auto import tqdm
 
 from lgcn_jax import checkpoint as ckpt_lib
 from lgcn_jax import datasets, input_pipeline, network, sharding
+from lgcn_jax.predict import heatmaps as network_heatmaps
 from lgcn_jax import shape_model as shape_model_lib
 from lgcn_jax.config import PRESETS, Config, write_config
 from lgcn_jax.errors import CheckpointError, DatasetError
 from lgcn_jax.evaluation import evaluate, horizontal_offset
 from lgcn_jax.logs import log, log_details_to, quiet_failed_restores
 from lgcn_jax.metric_writer import MetricWriter
-from lgcn_jax.release import checkpoint_path, export_model, load_model, load_params
+from lgcn_jax.files import atomic_path
+from lgcn_jax.release import checkpoint_path, export_model, load_model, load_params, resolve_model
 from lgcn_jax.step import train_step
 from lgcn_jax.train_state import create_train_state, learning_rate_schedule
 from lgcn_jax.workdir import check_workdir_config, network_differences, workdir_lock
 
 __all__ = ["train_and_evaluate", "write_shape_model", "training_splits", "recalibrated", "load_initial_weights", "export_workdir",
-           "TrainingInterrupted", "FINE_TUNE_FREE"]
+           "TrainingInterrupted", "FINE_TUNE_FREE", "teacher_maps"]
 
 
 def write_shape_model(config: Config, workdir: str, train_data: dict | None = None) -> str:
@@ -65,6 +68,52 @@ def training_splits(config: Config) -> tuple[dict, dict]:
     train_data, val_data = datasets.holdout(train_data, config.data.validation_faces)
     log.info("300-W train: %d faces for training, %d held out for validation", len(train_data["image"]), len(val_data["image"]))
     return train_data, val_data
+
+
+TEACHER_FILE = "teacher_maps.npz"
+
+
+def teacher_maps(config: Config, train_data: dict, workdir: str | None = None, batch_size: int = 8) -> np.ndarray:
+    """The heatmaps of ``config.train.distill_from`` for every face of ``train_data``: f16[N, S, S, L] at the
+    student's crop size S, each computed on the teacher's own crop of the face (the split loaded at the
+    teacher's size) and resized (antialiased bilinear, as splits are).  Kept in ``WORKDIR/teacher_maps.npz``
+    and read from there when it was made by the same teacher for the same faces."""
+    teacher = resolve_model(config.train.distill_from, "train.distill_from")
+    size, n = config.data.image_size, len(train_data["image"])
+    if teacher.data.dataset != config.data.dataset or teacher.params.config.num_landmarks != config.model.num_landmarks:
+        raise CheckpointError(f"train.distill_from={config.train.distill_from!r} marks {teacher.params.config.num_landmarks} landmarks "
+                              f"on {teacher.data.dataset} crops; this run marks {config.model.num_landmarks} on {config.data.dataset}: "
+                              "a teacher must see the same crops and mark the same points")
+    names = train_data.get("file_name")
+    key = {"teacher": teacher.name, "size": size, "faces": n, "file_names": [] if names is None else [str(f) for f in names]}
+    path = os.path.join(workdir, TEACHER_FILE) if workdir else None
+    if path and os.path.exists(path):
+        with np.load(path, allow_pickle=False) as z:
+            if json.loads(str(z["key"])) == key:
+                return z["maps"]
+        log.warning("%s was made for another teacher or other faces; computing it again", path)
+    full = datasets.load_split(dataclasses.replace(config.data, image_size=teacher.data.image_size), "train")
+    if names is None:  # no file names (synthetic faces): the split itself, row for row
+        rows = np.arange(n)
+    else:
+        where = {str(f): i for i, f in enumerate(full["file_name"])}
+        rows = np.array([where[str(f)] for f in names])
+    maps = np.empty((n, size, size, config.model.num_landmarks), np.float16)
+
+    @jax.jit
+    def run(images):
+        h = network_heatmaps(teacher.params, images)
+        return jax.image.resize(h, (h.shape[0], size, size, h.shape[-1]), "linear", antialias=True)
+
+    log.info("teacher maps of %s for %d training faces", teacher.name, n)
+    for lo in tqdm(range(0, n, batch_size), desc="teacher maps", unit="batch", disable=jax.process_index() != 0):
+        idx = rows[lo:lo + batch_size]
+        images = sharding.pad_rows(full["image"][idx].astype(np.float32) / 255.0, batch_size)
+        maps[lo:lo + len(idx)] = np.asarray(run(images))[: len(idx)]
+    if path and jax.process_index() == 0:
+        with atomic_path(path, ".npz") as tmp:
+            np.savez(tmp, maps=maps, key=json.dumps(key))
+    return maps
 
 
 class TrainingInterrupted(Exception):
@@ -200,6 +249,8 @@ def _train_and_evaluate(config: Config, workdir: str, progress: bool, stored: Co
     if start == 0:
         result, _ = validate(0)
         log.info("step 0 (%s) validation NME %.4f", f"the weights of {t.init_from}" if init is not None else "untrained", result["nme"])
+    if t.distill_from:
+        train_data = {**train_data, "teacher": teacher_maps(config, train_data, workdir)}
     stream = input_pipeline.train_batches(train_data, config.data, t.batch_size, t.seed, start_step=start)
     batches = input_pipeline.prefetch_to_device(stream, put=lambda b: sharding.shard_batch({k: v[rows] for k, v in b.items()}, mesh))
     bar = tqdm(total=t.num_steps, initial=start, disable=not (progress and primary), unit="step", dynamic_ncols=True)
@@ -220,7 +271,7 @@ def _train_and_evaluate(config: Config, workdir: str, progress: bool, stored: Co
         with _stop_on_signals() as stop:
             while step < t.num_steps:
                 batch = next(batches)
-                state, m = train_step(state, batch, t.loss_scale, config.data, t.skip_nonfinite)
+                state, m = train_step(state, batch, t.loss_scale, config.data, t.skip_nonfinite, t.distill_weight if t.distill_from else 0.0)
                 step += 1
                 window_steps += 1
                 if t.skip_nonfinite:

@@ -87,6 +87,21 @@ def test_loss_zero_at_target_and_weights():
     assert float(heatmap_loss(t + bump, t, lm, k, mask=jnp.array([[1.0, 0.0]]))[0]) == 0.0
 
 
+def test_loss_with_a_teacher_mixes_its_maps_into_the_target():
+    """Distillation: the target is (1 - w) * rendered + w * teacher; a teacher that is the rendered target changes
+    nothing, and with w = 1 the outputs are pulled to the teacher's maps alone."""
+    lm = jnp.array([[[10.0, 12.0], [20.0, 5.0]]])
+    k = Kernel(gaussian_mixture_kernel(9, (1.0,), (1.5,)))
+    t, _ = render_targets(lm, 32, 32, k)
+    o1, o2 = t + 0.1, t - 0.05
+    plain = heatmap_loss(o1, o2, lm, k)
+    np.testing.assert_allclose(heatmap_loss(o1, o2, lm, k, teacher=t, teacher_weight=0.7), plain, rtol=1e-6)
+    teacher = jnp.roll(t, 3, axis=1)
+    assert float(heatmap_loss(teacher, teacher, lm, k, teacher=teacher, teacher_weight=1.0)[0]) == 0.0
+    half = heatmap_loss(o1, o2, lm, k, teacher=teacher, teacher_weight=0.5)
+    np.testing.assert_allclose(half, heatmap_loss(o1, o2, lm, k, teacher=0.5 * (t + teacher), teacher_weight=1.0), rtol=1e-6)
+
+
 def test_loss_gradient_finite_difference():
     k = Kernel(gaussian_mixture_kernel(7, (1.0,), (1.0,)))
     lm = jnp.array([[[5.0, 6.0], [9.5, 3.25]]])

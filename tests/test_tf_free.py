@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import lgcn_jax
 from data_prep.export_arrays import export_arrays
 from data_prep.synthetic_faces import make_face
 from lgcn_jax import augment as aug
@@ -208,3 +209,27 @@ def test_metric_writer_keeps_every_number_once_across_resumes(tmp_path):
     events = [e for f in sorted(os.listdir(tmp_path / "tb")) for e in LegacyEventFileLoader(str(tmp_path / "tb" / f)).Load()]
     scalars = [(e.step, v.tag, v.simple_value) for e in events for v in e.summary.value]
     assert (4, "train/loss", pytest.approx(0.3)) in scalars and (2, "train/loss", pytest.approx(0.5)) in scalars
+
+
+def test_teacher_maps_move_with_the_points():
+    """augment_batch with per-landmark maps: maps rendered at the landmarks, changed with the crop (warp and mirror
+    with its permutation), are the maps rendered at the changed landmarks (bilinear resampling of smooth maps)."""
+    from lgcn_jax.heatmaps import render_targets
+    from lgcn_jax.network import model_kernel
+
+    image, lm = _face(32)
+    cfg = DataConfig(image_size=32, max_rotation_deg=15, max_scale_delta=0.1, max_shift_frac=0.05)
+    # Wide peaks, so that bilinear resampling (a fraction of a pixel off the grid) keeps their shape.
+    kernel = model_kernel(lgcn_jax.ModelConfig(kernel_size=21, kernel_weights=(1.0,), kernel_sigmas=(3.0,)))
+    maps, _ = render_targets(jnp.asarray(lm[None]), 32, 32, kernel)
+    examples = jnp.arange(8)
+    images, lms = np.repeat(image[None], 8, 0), np.repeat(lm[None], 8, 0)
+    _, moved_lm, moved = aug.augment_batch(images, lms, examples, 0, cfg, jnp.repeat(maps, 8, 0))
+    want, _ = render_targets(moved_lm, 32, 32, kernel)
+    inside = np.all((np.asarray(moved_lm) > 8) & (np.asarray(moved_lm) < 23), axis=-1)  # away from the zero border
+    err = np.abs(np.asarray(moved) - np.asarray(want)).max(axis=(1, 2))[inside]
+    assert inside.sum() > 100 and err.max() < 0.1 * float(np.asarray(want).max()), err.max()  # the scale change: ~10% wider or narrower
+    flips = np.asarray(moved_lm)[:, 36, 0] > np.asarray(moved_lm)[:, 45, 0]
+    assert not flips.any()  # mirrored crops keep point 36 on the image's left: the maps were reordered with them
+    two = aug.augment_batch(images, lms, examples, 0, cfg)
+    np.testing.assert_array_equal(np.asarray(two[1]), np.asarray(moved_lm))  # the maps change nothing else

@@ -320,3 +320,30 @@ def test_loading_a_model_installs_nothing_and_writes_nothing(tmp_path):
     lgcn_jax.load_params(str(wd), which="last")
     assert sorted(os.listdir(wd)) == before and "lgcn.log" not in before
     assert sys.unraisablehook is hook and logging.getLogger("asyncio").filters == filters
+
+
+def test_distillation_from_a_teacher_workdir(trained_workdir, synthetic_data_dir, tmp_path):
+    """train.distill_from: the teacher's maps of every training face are computed once, kept in the workdir, read
+    back on resume; they change the step's loss; a teacher of other crops is refused before anything is written."""
+    from lgcn_jax import datasets, train
+
+    base = lgcn_jax.apply_overrides(tiny_config(num_steps=2, eval_every=2, checkpoint_every=2, bn_recalibration_batches=1),
+                                    [f"data.data_dir={synthetic_data_dir}"])
+    cfg = lgcn_jax.apply_overrides(base, [f"train.distill_from={trained_workdir}", "train.distill_weight=0.5"])
+    wd = tmp_path / "student"
+    lgcn_jax.train_and_evaluate(cfg, str(wd), progress=False)
+    with np.load(wd / train.TEACHER_FILE) as z:
+        maps = z["maps"]
+    teacher = lgcn_jax.load_model(trained_workdir)
+    data = datasets.load_split(cfg.data, "train")
+    assert maps.shape == (len(data["image"]), 32, 32, 68) and maps.dtype == np.float16
+    want = np.asarray(lgcn_jax.apply(teacher.params, data["image"][:2]))
+    np.testing.assert_allclose(maps[:2].astype(np.float32), want, atol=2e-3 * np.abs(want).max() + 1e-4)  # f16
+    stamp = os.path.getmtime(wd / train.TEACHER_FILE)
+    lgcn_jax.train_and_evaluate(lgcn_jax.apply_overrides(cfg, ["train.num_steps=4"]), str(wd), progress=False)
+    assert os.path.getmtime(wd / train.TEACHER_FILE) == stamp  # read back, not computed again
+    plain = str(tmp_path / "plain")
+    lgcn_jax.train_and_evaluate(base, plain, progress=False)
+    assert not _trees_equal(lgcn_jax.load_params(plain, "last")[0].params, lgcn_jax.load_params(str(wd), "last")[0].params)
+    with pytest.raises(CheckpointError, match="a teacher must see the same crops"):
+        lgcn_jax.train_and_evaluate(lgcn_jax.apply_overrides(base, ["train.distill_from=300w_cpu"]), str(tmp_path / "other"), progress=False)
