@@ -40,7 +40,7 @@ def annotate_image(path: str, out_dir: str, model: Model, name: str | None = Non
 
 
 def annotate_video(path: str, out_dir: str, model: Model, name: str | None = None, *, detector=None, detect_every: int = 10,
-                   min_confidence: float = MIN_CONFIDENCE, progress: bool = True, first_pass=None) -> dict:
+                   min_confidence: float = MIN_CONFIDENCE, progress: bool = True, first_pass=None, refine: int | None = None) -> dict:
     """Track the faces of video ``path``; write ``NAME.jsonl`` (one line per frame) and ``NAME_landmarks.mp4``.
 
     Each JSON line: ``{"frame": i, "time_s": t, "model": name, "faces": [Face.to_dict(), ...]}``.  Returns a
@@ -52,7 +52,8 @@ def annotate_video(path: str, out_dir: str, model: Model, name: str | None = Non
     os.makedirs(out_dir, exist_ok=True)
     jsonl, mp4 = os.path.join(out_dir, name + ".jsonl"), os.path.join(out_dir, name + "_landmarks.mp4")
     fps = info["fps"] if info["fps"] > 0 else 25.0
-    tracker = Tracker(model, detector=detector, detect_every=detect_every, min_confidence=min_confidence, first_pass=first_pass)
+    tracker = Tracker(model, detector=detector, detect_every=detect_every, min_confidence=min_confidence, first_pass=first_pass,
+                      refine=refine)
     writer = None
     frames = counted = 0
     start = time.perf_counter()

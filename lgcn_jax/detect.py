@@ -24,6 +24,7 @@ import numpy as np
 from lgcn_jax import crop as crop_lib
 from lgcn_jax.detectors import Detection, FaceDetector, get_detector
 from lgcn_jax.image_io import load_gray
+from lgcn_jax.machine import defaults
 from lgcn_jax.predict import Model, predict_with_confidence
 from lgcn_jax.release import resolve_model
 from lgcn_jax.sharding import pad_rows
@@ -87,9 +88,10 @@ def first_pass_model(first_pass, model: Model) -> Model:
 
 
 def detect_batch(images: Sequence, params=None, *, detector: str | FaceDetector | None = None,
-                 refine: int = 1, batch_size: int = 32, first_pass=None) -> list[list[Face]]:
+                 refine: int | None = None, batch_size: int = 32, first_pass=None) -> list[list[Face]]:
     """``detect`` for many images: every face of every image goes through the network in shared batches."""
     model = resolve_model(params)
+    refine = defaults().refine if refine is None else refine
     first_pass = first_pass_model(first_pass, model)
     size = model.data.image_size
     ratio = crop_lib.crop_ratio(model.data.dataset)
@@ -140,16 +142,20 @@ def landmarks(model: Model, grays: Sequence[np.ndarray], owners: Sequence[int], 
             for m, p, c, s in zip(maps, points, conf, scores)]
 
 
-def detect(image, params=None, *, detector: str | FaceDetector | None = None, refine: int = 1, first_pass=None) -> list[Face]:
+def detect(image, params=None, *, detector: str | FaceDetector | None = None, refine: int | None = None,
+           first_pass=None) -> list[Face]:
     """Landmarks of every face in ``image`` (a path, PIL image or array of any size and mode).
+
+    Arguments left at None take this machine's defaults (``lgcn_jax.machine``: fast on a CPU, accurate on
+    a GPU or TPU).
 
     Args:
       params: a ``Model`` (``lgcn_jax.load_model(path)``), the name of released weights or a model folder;
-        None: the default model of this machine (``release.default_model``: the small network on a CPU,
-        the paper's on an accelerator).
-      detector: a name from ``lgcn_jax.detectors.DETECTORS`` ("yunet", the default; "yunet-jax", "haar",
-        "dlib") or any function gray u8[H, W] -> list of ``Detection``.
-      refine: passes re-cut from the previous landmarks (0: trust the detector's box).
+        None: this machine's default weights.
+      detector: a name from ``lgcn_jax.detectors.DETECTORS`` ("yunet", "yunet-fast", "yunet-jax", "haar",
+        "dlib") or any function gray u8[H, W] -> list of ``Detection``; None: this machine's.
+      refine: passes re-cut from the previous landmarks (0: one pass, on the detector's framing); None: this
+        machine's.
       first_pass: the model of every pass but the last, whose landmarks only frame the next crop: a
         ``Model``, the name of released weights or a checkpoint folder; None: ``params`` itself.
     Returns:

@@ -27,8 +27,9 @@ import numpy as np
 
 from lgcn_jax import crop as crop_lib
 from lgcn_jax import yunet
+from lgcn_jax.machine import defaults
 
-__all__ = ["Detection", "FaceDetector", "FIVE_POINT_TEMPLATE", "frame_from_points", "HaarDetector", "YuNetDetector", "DlibDetector", "DETECTORS", "get_detector", "reduce_image"]
+__all__ = ["YUNET_RELIABLE_FACE", "Detection", "FaceDetector", "FIVE_POINT_TEMPLATE", "frame_from_points", "HaarDetector", "YuNetDetector", "DlibDetector", "DETECTORS", "get_detector", "reduce_image"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,27 +95,35 @@ def _merge(dets: list[Detection], overlap: float = 0.5) -> list[Detection]:
     return keep
 
 
+# The landmark-box side (pixels of the searched image) from which YuNet finds nearly every face: on composed
+# scenes of 300-W faces it found 99% of those of 60 px and more, 90% at 40-60 px, 56% at 25-30 px
+# (bench/compare_face_detectors.py's scenes; docs/detection.md).
+YUNET_RELIABLE_FACE = 60.0
+
+
 class YuNetDetector:
     """YuNet (OpenCV zoo, MIT licence; ``lgcn_jax/weights``): a 53k-parameter CNN with 5 face points.
 
     Runs through ``cv2.FaceDetectorYN`` (``backend="opencv"``) or the JAX port ``lgcn_jax.yunet``
     (``backend="jax"``: the same network; jit-compiled, so the first call at each image size, padded
     to a multiple of 128, compiles; the wider zero padding can move a face at the bottom or right
-    edge slightly).  The gray image is repeated into 3 channels, reduced to at most ``max_side``.
-    The roll comes from the two eye points; the landmark box is ``face_scale`` x the longer box
-    side, shifted down by ``face_shift`` box sides (medians over the 2566 300-W faces: 0.792 and
-    0.130).  ``max_side`` 1920 keeps full-HD frames whole: on 20 scenes at 1920x1080 with faces of
-    40-250 px it found 190 of 196 faces in 103 ms per image, against 178 in 71 ms at 1280.  YuNet
-    misses faces larger than ~500 px, so a photo over 1.25 x ``coarse_side`` is also searched on a
-    copy of at most ``coarse_side`` (0: never), and the two lists merged.
+    edge slightly).  The gray image is repeated into 3 channels and searched on a copy scaled so that
+    a face of ``min_face`` pixels (its landmark box) has ``YUNET_RELIABLE_FACE`` pixels (never enlarged),
+    and of at most ``max_side`` pixels: smaller faces are found less often, and the search costs the
+    copy's area.  The roll comes from the two eye points; the landmark box is ``face_scale`` x the
+    longer box side, shifted down by ``face_shift`` box sides (medians over the 2566 300-W faces).
+    YuNet misses faces larger than ~500 px, so a photo over 1.25 x ``coarse_side`` is also searched on
+    a copy of at most ``coarse_side`` (0: never), and the two lists merged.
     """
 
     def __init__(self, score_threshold: float = 0.6, nms_threshold: float = 0.3, max_side: int = 1920, backend: str = "opencv",
-                 face_scale: float = 0.792, face_shift: float = 0.130, coarse_side: int = 640):
+                 face_scale: float = 0.792, face_shift: float = 0.130, coarse_side: int = 640, min_face: float = 40.0):
         if backend not in ("opencv", "jax"):
             raise ValueError(f"backend must be 'opencv' or 'jax', got {backend!r}")
+        if min_face <= 0:
+            raise ValueError(f"min_face is a face size in pixels, got {min_face}")
         self.score_threshold, self.nms_threshold, self.max_side, self.backend = score_threshold, nms_threshold, max_side, backend
-        self.face_scale, self.face_shift, self.coarse_side = face_scale, face_shift, coarse_side
+        self.face_scale, self.face_shift, self.coarse_side, self.min_face = face_scale, face_shift, coarse_side, min_face
         self._cv = None
 
     def _faces(self, bgr: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -143,7 +152,8 @@ class YuNetDetector:
 
     def __call__(self, gray: np.ndarray) -> list[Detection]:
         gray = np.asarray(gray, np.uint8)
-        found = self._search(gray, self.max_side)
+        scale = min(1.0, YUNET_RELIABLE_FACE / self.min_face)
+        found = self._search(gray, min(self.max_side, max(1, round(max(gray.shape) * scale))))
         if self.coarse_side and max(gray.shape) > 1.25 * self.coarse_side:
             # YuNet misses faces whose landmark box exceeds ~500 px of the searched copy (measured on a photo
             # upscaled step by step); a second search on a small copy finds those.
@@ -240,6 +250,7 @@ class DlibDetector:
 
 DETECTORS: dict[str, Callable[[], FaceDetector]] = {
     "yunet": YuNetDetector,
+    "yunet-fast": functools.partial(YuNetDetector, min_face=80.0),  # faces from ~80 px (dlib HOG's floor), at half the cost
     "yunet-jax": functools.partial(YuNetDetector, backend="jax"),
     "haar": HaarDetector,
     "dlib": DlibDetector,
@@ -252,9 +263,10 @@ def _named(name: str) -> FaceDetector:
 
 
 def get_detector(detector: Union[str, FaceDetector, None] = None) -> FaceDetector:
-    """A detector from its name in ``DETECTORS`` (None: "yunet"), or ``detector`` itself if callable."""
+    """A detector from its name in ``DETECTORS`` (None: this machine's, ``lgcn_jax.machine``), or ``detector``
+    itself if callable."""
     if detector is None:
-        detector = "yunet"
+        detector = defaults().detector
     if callable(detector):
         return detector
     if detector not in DETECTORS:

@@ -23,6 +23,7 @@ from lgcn_jax import checkpoint, network
 from lgcn_jax.config import Config, read_config, write_config
 from lgcn_jax.errors import CheckpointError, ShapeModelError
 from lgcn_jax.files import atomic_path
+from lgcn_jax.machine import DEFAULTS, defaults
 from lgcn_jax.predict import Model
 from lgcn_jax.shape_model import FILENAME as SHAPE_MODEL_FILE
 from lgcn_jax.shape_model import load_shape_model, save_shape_model
@@ -33,9 +34,9 @@ __all__ = ["PARAMS_FILE", "PRETRAINED", "DEFAULT_WEIGHTS", "export_params", "loa
 
 PARAMS_FILE = "params.msgpack"
 PRETRAINED = "300w_paper"  # load_pretrained()'s default: the paper's network
-# What detect(), track() and lgcn-detect use without a model, by JAX's default backend: the small network
-# where JAX runs on the CPU, the paper's where it has an accelerator.
-DEFAULT_WEIGHTS = {"cpu": "300w_cpu", "accelerator": "300w_paper"}
+# What detect(), track() and lgcn-detect use without a model (lgcn_jax.machine): the small network where JAX
+# runs on the CPU, the paper's where it has an accelerator.
+DEFAULT_WEIGHTS = {kind: d.weights for kind, d in DEFAULTS.items()}
 
 
 def export_params(directory: str, params: network.LGCNParams, config: Config) -> None:
@@ -176,9 +177,8 @@ def load_pretrained(name: str = PRETRAINED) -> Model:
 
 def default_weights(backend: str | None = None) -> str:
     """The released weights that serve JAX's ``backend`` (default: ``jax.default_backend()``): the
-    paper network on a GPU or TPU, the small one on a CPU (``DEFAULT_WEIGHTS``)."""
-    backend = jax.default_backend() if backend is None else backend
-    return DEFAULT_WEIGHTS["cpu" if backend == "cpu" else "accelerator"]
+    paper network on a GPU or TPU, the small one on a CPU (``lgcn_jax.machine.DEFAULTS``)."""
+    return defaults(backend).weights
 
 
 def default_model() -> Model:

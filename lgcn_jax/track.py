@@ -33,6 +33,7 @@ from lgcn_jax.detect import Face, first_pass_model, landmarks
 from lgcn_jax.detectors import FaceDetector, get_detector
 from lgcn_jax.image_io import load_gray
 from lgcn_jax.landmarks68 import LEFT_EYE, RIGHT_EYE
+from lgcn_jax.machine import defaults
 from lgcn_jax.predict import Model
 from lgcn_jax.release import resolve_model
 from lgcn_jax.video import read_frames
@@ -59,16 +60,18 @@ class Tracker:
         below this is dropped.  Measured with 300w_paper: 300-W faces >= 0.74 (median 0.79), the
         half-occluded profile of docs/img/detect_group.png 0.49, crops of background <= 0.37, noise
         < 0.01 (300w_cpu: >= 0.57, 0.33, <= 0.28, < 0.05).
-      refine: passes re-cut from the landmarks for a newly detected face (as ``detect``).
+      refine: passes re-cut from the landmarks for a newly detected face (as ``detect``; None: this machine's).
       first_pass: the model of those passes but the last (as ``detect``; None: ``model``).
+      follow_passes: at most this many passes for a followed face per frame, each on the crop re-cut from the
+        last one's landmarks, stopping when the crop is kept (None: ``refine`` + 1).
     """
 
     model: Model
     detector: str | FaceDetector | None = None
     detect_every: int = 10
     min_confidence: float = MIN_CONFIDENCE
-    refine: int = 1
-    follow_passes: int = 2
+    refine: int | None = None
+    follow_passes: int | None = None
     batch_size: int = 32
     first_pass: object = None
     frame_index: int = dataclasses.field(default=-1, init=False)
@@ -83,8 +86,10 @@ class Tracker:
             raise ValueError(f"detect_every must be at least 1, got {self.detect_every}")
         if not 0.0 <= self.min_confidence <= 1.0:
             raise ValueError(f"min_confidence is a mean heatmap value in [0, 1], got {self.min_confidence}")
+        self.refine = defaults().refine if self.refine is None else self.refine
         if self.refine < 0:
             raise ValueError(f"refine must be >= 0, got {self.refine}")
+        self.follow_passes = self.refine + 1 if self.follow_passes is None else self.follow_passes
         self.detector = get_detector(self.detector)
         self.first_pass = first_pass_model(self.first_pass, self.model)
 
@@ -119,11 +124,15 @@ class Tracker:
         return kept
 
     def _detect(self, gray: np.ndarray, tracked: list[Face], dropped: list[Face]) -> list[Face]:
-        """``tracked`` plus the faces the detector finds elsewhere; a find on a tracked face takes over its track,
-        and one where a track was just dropped in this frame revives that track's id."""
+        """``tracked`` plus the faces the detector finds elsewhere; a find on a tracked face takes over its track
+        where a detection gets more than one pass (with one pass, the crop followed from the landmarks frames
+        the face better than the detector's box: the find is left out), and one where a track was just dropped
+        in this frame revives that track's id."""
         ratio = crop_lib.crop_ratio(self.model.data.dataset)
         size = self.model.data.image_size
         found = self.detector(gray)
+        if self.refine == 0:
+            found = [d for d in found if not any(_covers(f, d.center) for f in tracked)]
         maps = [crop_lib.similarity(d.center, d.size * ratio, d.angle, size) for d in found]
         faces = landmarks(self.model, [gray], [0] * len(maps), maps, [d.score for d in found], self.refine, self.batch_size, self.first_pass)
         out = list(tracked)
@@ -202,7 +211,7 @@ def _unique(faces: list[Face]) -> list[Face]:
 
 
 def track(frames: Iterable, params=None, *, detector: str | FaceDetector | None = None, detect_every: int = 10,
-          min_confidence: float = MIN_CONFIDENCE, refine: int = 1, first_pass=None) -> Iterator[list[Face]]:
+          min_confidence: float = MIN_CONFIDENCE, refine: int | None = None, first_pass=None) -> Iterator[list[Face]]:
     """Landmarks of every face in each of ``frames``, with a ``track_id`` that follows a face across frames.
 
     Args:

@@ -185,8 +185,9 @@ def test_cli_checkpoint_by_released_name(tmp_path, capsys):
     assert "no released checkpoint of that name" in err and "'300w_nope'" in err and "300w_cpu" in err and "300w_paper" in err
     assert main([str(photo), "--out", str(tmp_path / "c"), "--checkpoint", str(tmp_path / "nowhere"), "--no_progress"]) == 1
     # --first_pass: released weights by name for the pass that frames the second one's crop
-    assert main([str(photo), "--out", str(tmp_path / "d"), "--checkpoint", "300w_cpu", "--first_pass", "300w_paper", "--no_progress"]) == 0
-    framed = detect(str(photo), small, first_pass="300w_paper")[0].landmarks
+    assert main([str(photo), "--out", str(tmp_path / "d"), "--checkpoint", "300w_cpu", "--first_pass", "300w_paper", "--refine", "1",
+                 "--no_progress"]) == 0
+    framed = detect(str(photo), small, first_pass="300w_paper", refine=1)[0].landmarks
     assert np.abs(framed - expected).max() > 0.1  # another framing: other landmarks
     np.testing.assert_allclose(json.loads((tmp_path / "d" / "hopper.json").read_text())["faces"][0]["landmarks"], framed, atol=0.006)
     capsys.readouterr()
@@ -215,7 +216,7 @@ def test_released_weights_find_the_features_of_a_real_photo(params, first_pass):
     by eye. The synthetic weights miss these by a third of the eye distance and more.  So do this machine's
     default weights (None), and the paper's when the small network runs the first pass, which only frames
     the second one's crop."""
-    faces = detect(PHOTO, params, first_pass=first_pass)
+    faces = detect(PHOTO, params, first_pass=first_pass, refine=None if first_pass is None else 1)
     assert len(faces) == 1
     assert faces[0].model == (params or default_weights())
     lm = faces[0].landmarks
@@ -255,15 +256,15 @@ def test_first_pass_runs_every_pass_but_the_last_on_crops_framed_for_it(model, m
     detect_mod = importlib.import_module("lgcn_jax.detect")  # the module: lgcn_jax.detect is also the function
 
     img, truths = scene()
-    plain = detect(img, model, detector=oracle(truths))
-    same = detect(img, model, detector=oracle(truths), first_pass=model)
+    plain = detect(img, model, detector=oracle(truths), refine=1)
+    same = detect(img, model, detector=oracle(truths), first_pass=model, refine=1)
     for a, b in zip(plain, same):
         np.testing.assert_array_equal(a.landmarks, b.landmarks)
     small = lgcn_jax.load_pretrained("300w_cpu")  # crops framed 1.4x the landmarks' extent; the model's are 1.87x
     calls = []
     run = detect_mod._run
     monkeypatch.setattr(detect_mod, "_run", lambda net, crops, bs: calls.append((net, crops.shape)) or run(net, crops, bs))
-    framed = detect(img, model, detector=oracle(truths), first_pass=small)
+    framed = detect(img, model, detector=oracle(truths), first_pass=small, refine=1)
     assert [(net is small, shape) for net, shape in calls] == [(True, (3, 64, 64)), (False, (3, 64, 64))]
     size = model.config.data.image_size
     for f, lm in zip(framed, truths):  # the final crop is the model's framing of the small network's landmarks
@@ -302,9 +303,9 @@ def test_flip_test_runs_on_the_last_pass_only(model, monkeypatch, tmp_path):
     calls = []
     run = detect_mod._run
     monkeypatch.setattr(detect_mod, "_run", lambda net, crops, bs: calls.append(net.config.postprocess.flip_test) or run(net, crops, bs))
-    faces = detect(img, flip, detector=oracle(truths))
+    faces = detect(img, flip, detector=oracle(truths), refine=1)
     assert calls == [False, True]
-    plain = detect(img, model, detector=oracle(truths))
+    plain = detect(img, model, detector=oracle(truths), refine=1)
     for f, p, lm in zip(faces, plain, truths):
         assert nme(f.landmarks, lm) < 0.2 and np.abs(f.landmarks - p.landmarks).max() > 0.01
     monkeypatch.setattr(detect_mod, "_run", run)

@@ -13,6 +13,7 @@ from PIL import Image
 
 from lgcn_jax import yunet
 from lgcn_jax.detectors import DETECTORS, Detection, YuNetDetector, get_detector, reduce_image
+from lgcn_jax.machine import defaults
 
 PHOTO = os.path.join(os.path.dirname(matplotlib.__file__), "mpl-data", "sample_data", "grace_hopper.jpg")
 HEADS = [f"{k}_{s}" for k in ("cls", "obj", "bbox", "kps") for s in yunet.STRIDES]
@@ -87,7 +88,8 @@ def test_detectors_by_name_agree_on_a_real_photo():
     # Each estimates the same landmark box: centres within 15% of its size, sizes within 25%.
     for (d,) in found.values():
         assert np.linalg.norm(d.center - a.center) < 0.15 * a.size and 0.75 < d.size / a.size < 1.25
-    assert get_detector(None) is get_detector("yunet")
+    assert get_detector(None) is get_detector(defaults().detector)  # this machine's
+    assert defaults("cpu").detector == "yunet-fast" and defaults("gpu").detector == "yunet"
     mine = lambda g: [Detection(np.array([1.0, 2.0]), 3.0)]  # noqa: E731
     assert get_detector(mine) is mine
     with pytest.raises(ValueError, match="unknown face detector 'retina'.*'haar'"):

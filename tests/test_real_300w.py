@@ -107,7 +107,7 @@ def test_detect_on_real_photos_finds_every_face_and_keeps_the_accuracy_of_ground
         lo, hi = truth.min(0), truth.max(0)  # the evaluation crop: the ground truth's box, side 1.4x, no roll
         (face,) = landmarks(model, [gray], [0], [crop_lib.similarity((lo + hi) / 2, float((hi - lo).max()) * ratio, 0.0, size)], [1.0], refine=0)
         gt_box.append(float(metrics.nme(face.landmarks[None], truth[None])[0]))
-        faces = lgcn_jax.detect(gray, model, first_pass=first_pass)
+        faces = lgcn_jax.detect(gray, model, first_pass=first_pass, refine=None if first_pass is None else 1)
         k = metrics.match_face([f.landmarks for f in faces], truth)
         found.append(None if k is None else float(metrics.nme(faces[k].landmarks[None], truth[None])[0]))
     assert all(f is not None for f in found), sum(f is None for f in found)

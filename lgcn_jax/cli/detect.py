@@ -13,7 +13,8 @@ from lgcn_jax.compilation_cache import enable_compilation_cache
 from lgcn_jax.detect import first_pass_model
 from lgcn_jax.detectors import get_detector
 from lgcn_jax.errors import CheckpointError, ImageError, ShapeModelError, VideoError
-from lgcn_jax.release import DEFAULT_WEIGHTS, resolve_model
+from lgcn_jax.machine import DEFAULTS
+from lgcn_jax.release import resolve_model
 from lgcn_jax.video import is_video
 
 __all__ = ["main", "parser", "output_names"]
@@ -24,10 +25,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="+", metavar="IMAGE_OR_VIDEO",
                    help="photos (any format Pillow reads) and videos (.mp4, .avi, .mov, .mkv, .m4v, .webm; faces tracked from frame to frame)")
     p.add_argument("--out", required=True, help="folder for NAME.json and NAME_landmarks.png (videos: NAME.jsonl and NAME_landmarks.mp4)")
-    p.add_argument("--detector", default="yunet", help="face detector: yunet (default), yunet-jax, haar, dlib (lgcn_jax.detectors.DETECTORS)")
+    p.add_argument("--detector", help="face detector: yunet, yunet-fast, yunet-jax, haar, dlib (lgcn_jax.detectors.DETECTORS); "
+                                      f"default: {DEFAULTS['cpu'].detector} where JAX runs on the CPU, {DEFAULTS['accelerator'].detector} "
+                                      "on a GPU or TPU")
+    p.add_argument("--refine", type=int, help="passes re-cut from the landmarks after the first (0: one pass); default: "
+                                              f"{DEFAULTS['cpu'].refine} on the CPU, {DEFAULTS['accelerator'].refine} on a GPU or TPU")
     p.add_argument("--detect_every", type=int, default=10, help="videos: frames between face detector runs (it also runs when a face is lost)")
-    p.add_argument("--checkpoint", help=f"a checkpoint folder, or the name of released weights; default: {DEFAULT_WEIGHTS['cpu']} where JAX "
-                                        f"runs on the CPU, {DEFAULT_WEIGHTS['accelerator']} on a GPU or TPU")
+    p.add_argument("--checkpoint", help=f"a checkpoint folder, or the name of released weights; default: {DEFAULTS['cpu'].weights} where JAX "
+                                        f"runs on the CPU, {DEFAULTS['accelerator'].weights} on a GPU or TPU")
     p.add_argument("--first_pass", help="weights for the first of the two passes, which only frames the second one's crop "
                                         "(default: the --checkpoint model)")
     p.add_argument("--flip_test", action="store_true", help="also run the final pass on each mirrored face and average the heatmaps "
@@ -58,6 +63,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.detect_every < 1:
         p.error(f"--detect_every must be at least 1, got {args.detect_every}")
+    if args.refine is not None and args.refine < 0:
+        p.error(f"--refine must be >= 0, got {args.refine}")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         p.error(f"--out {args.out} is a file; results go to a folder")
     if not args.no_cache:
@@ -85,7 +92,7 @@ def main(argv=None) -> int:
             continue
         try:
             summary = annotate_video(path, args.out, model, name, detector=detector, detect_every=args.detect_every,
-                                     progress=not args.no_progress, first_pass=first_pass)
+                                     progress=not args.no_progress, first_pass=first_pass, refine=args.refine)
         except VideoError as e:
             print(f"lgcn-detect: {e}", file=sys.stderr)
             failed += 1
@@ -94,7 +101,7 @@ def main(argv=None) -> int:
     images = [(path, name) for path, name in zip(args.images, names) if not is_video(path)]
     for path, name in tqdm(images, disable=args.no_progress or not images, unit="image"):
         try:
-            faces = annotate_image(path, args.out, model, name, detector=detector, first_pass=first_pass)
+            faces = annotate_image(path, args.out, model, name, detector=detector, first_pass=first_pass, refine=args.refine)
         except ImageError as e:
             print(f"lgcn-detect: skipped {path}: {e}", file=sys.stderr)
             failed += 1
