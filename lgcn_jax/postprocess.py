@@ -48,12 +48,38 @@ from lgcn_jax.config import PostprocessConfig
 from lgcn_jax.heatmaps import argmax_subpixel, first_argmax, refine_at
 from lgcn_jax.shape_model import ShapeModel, empty_shape_model, kabsch_angle, rotate
 
-__all__ = ["postprocess", "postprocess_with_confidence", "solve_qp", "check_heatmaps"]
+__all__ = ["postprocess", "postprocess_with_confidence", "solve_qp", "cholesky", "cho_solve", "check_heatmaps"]
 
 # Pixels (of a 96-pixel map) around the fit searched first for the nearest peak; the result
 # does not depend on it (a miss searches the whole map), only the speed does.  With the
 # released weights on 200 common-subset faces, the farthest peak of a face was 9.1 px away.
 PEAK_SEARCH_RADIUS = 12
+
+
+def cholesky(a: jax.Array) -> jax.Array:
+    """Lower Cholesky factor f32[K, K] of a small symmetric positive definite f32[K, K] (NaN where it is not).
+
+    Written out (K is the shape model's few components) instead of LAPACK's: the compiled post-processing
+    then calls no library routine, so its executable can be stored and loaded as it is
+    (``lgcn_jax.executables``)."""
+    k = a.shape[-1]
+    low = jnp.zeros_like(a)
+    for j in range(k):
+        d = jnp.sqrt(a[j, j] - low[j, :j] @ low[j, :j])
+        low = low.at[j, j].set(d).at[j + 1:, j].set((a[j + 1:, j] - low[j + 1:, :j] @ low[j, :j]) / d)
+    return low
+
+
+def cho_solve(low: jax.Array, b: jax.Array) -> jax.Array:
+    """x f32[K] with (low low^T) x = b, from ``cholesky``'s factor: forward then back substitution."""
+    k = low.shape[-1]
+    y = jnp.zeros_like(b)
+    for i in range(k):
+        y = y.at[i].set((b[i] - low[i, :i] @ y[:i]) / low[i, i])
+    x = jnp.zeros_like(b)
+    for i in reversed(range(k)):
+        x = x.at[i].set((y[i] - low[i + 1:, i] @ x[i + 1:]) / low[i, i])
+    return x
 
 
 def solve_qp(hess: jax.Array, grad: jax.Array, a: jax.Array, bound: jax.Array, iterations: int = 30) -> jax.Array:
@@ -75,7 +101,7 @@ def solve_qp(hess: jax.Array, grad: jax.Array, a: jax.Array, bound: jax.Array, i
     # Scaling the objective leaves the minimiser unchanged and keeps the multipliers near 1.
     scale = jnp.trace(hess) / k + 1e-30
     hess, grad = hess / scale, grad / scale
-    free = jax.scipy.linalg.cho_solve(jax.scipy.linalg.cho_factor(hess), -grad)
+    free = cho_solve(cholesky(hess), -grad)
     if m == 0:
         return free
     feasible = jnp.all(a @ free <= bound) & jnp.all(jnp.isfinite(free))
@@ -98,10 +124,10 @@ def _interior_point(hess, grad, a, bound, iterations):
         r_dual = hess @ x + grad + a.T @ lam
         r_prim = a @ x + s - bound
         mu = jnp.mean(s * lam)
-        chol = jax.scipy.linalg.cho_factor(hess + (a.T * (lam / s)) @ a)
+        chol = cholesky(hess + (a.T * (lam / s)) @ a)
 
         def direction(r_comp):
-            dx = jax.scipy.linalg.cho_solve(chol, -r_dual - a.T @ ((lam * r_prim - r_comp) / s))
+            dx = cho_solve(chol, -r_dual - a.T @ ((lam * r_prim - r_comp) / s))
             ds = -r_prim - a @ dx
             return dx, ds, (-r_comp - lam * ds) / s
 

@@ -9,7 +9,7 @@ from typing import Union
 import jax
 import jax.numpy as jnp
 
-from lgcn_jax import network, sharding
+from lgcn_jax import executables, network, sharding
 from lgcn_jax.config import EXECUTION_FIELDS, Config, DataConfig, ExecutionConfig, PostprocessConfig, TrainConfig, validate
 from lgcn_jax.landmarks68 import NUM_POINTS, mirror_heatmaps
 from lgcn_jax.postprocess import check_heatmaps, postprocess_batch
@@ -90,6 +90,9 @@ def heatmaps(params: network.LGCNParams, images: jax.Array, flip_test: bool = Fa
     return 0.5 * (both[:b] + mirror_heatmaps(both[b:]))
 
 
+_OUT_TREE = jax.tree.structure((0, 0))  # (landmarks, confidence)
+
+
 @functools.partial(jax.jit, static_argnames="config")
 def _predict(params, images, shape_model, config):
     return postprocess_batch(heatmaps(params, images, config.flip_test), shape_model, config)
@@ -123,6 +126,8 @@ def predict_with_confidence(model: Union[Model, network.LGCNParams], images, sha
         params, shape_model = sharding.replicate((params, shape_model), mesh)
         landmarks, confidence = _predict(params, images, shape_model, config)
         return landmarks[:n], confidence[:n]
+    if executables.cache_dir():  # a program stored whole by an earlier process: no tracing (lgcn_jax.executables)
+        return executables.load_or_compile(_predict, "predict", (params, images, shape_model), (config,), _OUT_TREE)(params, images, shape_model)
     return _predict(params, images, shape_model, config)
 
 

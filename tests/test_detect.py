@@ -323,3 +323,39 @@ def test_the_default_model_serves_the_machine():
     assert default_weights("gpu") == default_weights("tpu") == DEFAULT_WEIGHTS["accelerator"] == "300w_paper"
     assert lgcn_jax.default_model().name == default_weights()
     assert lgcn_jax.load_pretrained().name == "300w_paper"
+
+
+def test_predict_programs_are_stored_whole_and_loaded_without_tracing(tmp_path):
+    """With the compilation cache on, the first process stores predict's compiled executable
+    (lgcn_jax.executables); a second process loads it and never traces predict, with the same landmarks.
+    Other settings are another program; one that calls a library routine (LAPACK) is not stored."""
+    import subprocess
+    import sys
+
+    code = ("import json, sys, importlib, numpy as np, jax, jax.numpy as jnp, lgcn_jax\n"
+            "from lgcn_jax import executables\n"
+            "predict_mod = importlib.import_module('lgcn_jax.predict')\n"
+            "traces, heatmaps = [], predict_mod.heatmaps\n"
+            "predict_mod.heatmaps = lambda *a, **k: traces.append(1) or heatmaps(*a, **k)  # runs when predict is traced\n"
+            "m = lgcn_jax.load_pretrained('synthetic_quick')\n"
+            "x = np.linspace(0, 1, 64 * 64, dtype=np.float32).reshape(1, 64, 64, 1)\n"
+            "lm = np.asarray(lgcn_jax.predict(m, x))\n"
+            "traced = len(traces)\n"
+            "if sys.argv[1] == 'other':\n"
+            "    lgcn_jax.predict(m.with_postprocess(peak_fit_radius=1), x)\n"
+            "    chol = jax.jit(jnp.linalg.cholesky)\n"
+            "    executables.load_or_compile(chol, 'chol', (jnp.eye(3),), (), jax.tree.structure(0))\n"
+            "print(json.dumps({'traced': traced, 'lm': lm.tolist(), 'files': sorted(__import__('os').listdir(executables.cache_dir()))}))\n")
+    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(tmp_path / "xla"))
+
+    def run(mode):
+        r = subprocess.run([sys.executable, "-c", code, mode], env=env, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+        return json.loads(r.stdout.strip().splitlines()[-1])
+
+    first, second = run("first"), run("second")
+    assert first["traced"] == 1 and second["traced"] == 0  # the second process loaded the program whole
+    assert len(first["files"]) == 1 and first["files"][0].startswith("predict-")
+    np.testing.assert_array_equal(np.array(first["lm"]), np.array(second["lm"]))
+    other = run("other")
+    assert len(other["files"]) == 2 and not any(f.startswith("chol-") for f in other["files"])
