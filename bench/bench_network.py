@@ -3,8 +3,8 @@
     python bench/bench_network.py [--preset paper] [--batch 1 32]
 
 FLOPs per image are counted from the layer table (every conv as 2 * H * W * k^2 * C_in * C_out;
-the kernel convolution as the banded matmuls we execute, and, for comparison, as the direct
-45x45 depthwise convolution it replaces).  The peak is measured in the same run: a square f32
+the kernel convolution as the banded matmuls we execute on the maps the network blurs, and, for
+comparison, as the direct 45x45 depthwise convolution it replaces).  The peak is measured in the same run: a square f32
 matmul and a 3x3 convolution of the network's own width.  Writes bench/results_network.json.
 """
 
@@ -33,7 +33,9 @@ def count_flops(cfg: lgcn_jax.Config, size: int) -> dict:
         local = conv(3, 1, f) + (m.local_3x3_layers - 1) * conv(3, f, f)
     heads = 2 * conv(1, f, L)
     rank = model_kernel(m).rank
-    blur_ours = 2 * (2 * rank * size * hw * L)  # two channels sets (main, side), each a W-pass and an H-pass
+    # The maps the network blurs: both heads, or (execution.blur_features) the features, a map of ones and the side head.
+    maps = f + 1 + L if cfg.execution.blur_features and f + 1 < L else 2 * L
+    blur_ours = 2 * rank * size * hw * maps  # a W-pass and an H-pass of every map
     blur_direct = 2 * (2 * hw * m.kernel_size ** 2 * L)
     glob = conv(3, 2 * L, f) + (m.global_layers - 1) * conv(3, f, f) + conv(1, f, L)
     return {"local": local, "heads": heads, "kernel_conv": blur_ours, "global": glob,

@@ -73,7 +73,7 @@ def find_faces(root: str, split: str) -> list[str]:
     for sub in SUBSETS[split]:
         folder = os.path.join(root, sub)
         if not os.path.isdir(folder):
-            raise FileNotFoundError(f"{folder} does not exist: the {split} split needs {', '.join(SUBSETS[split])} under {root} (see the README's 300-W layout)")
+            raise FileNotFoundError(f"{folder} does not exist: the {split} split needs {', '.join(SUBSETS[split])} under {root} (see docs/data.md: 300-W)")
         paths += sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.lower().endswith(".pts"))
     return paths
 
@@ -128,7 +128,7 @@ class Face300W(tfds.core.GeneratorBasedBuilder):
                 continue  # said once per folder above
             splits[name] = self._generate_examples(root, find_faces(root, name), name)
         if not splits:
-            raise FileNotFoundError(f"no 300-W subset folder under {root}: expected {', '.join(OFFICIAL_FOLDER_SIZES)} (see the README's 300-W layout)")
+            raise FileNotFoundError(f"no 300-W subset folder under {root}: expected {', '.join(OFFICIAL_FOLDER_SIZES)} (see docs/data.md: 300-W)")
         return splits
 
     def _example(self, root: str, pts_path: str):
@@ -202,7 +202,7 @@ def main(argv=None) -> int:
         return 1
     if all(missing_folders(args.manual_dir, s) for s in OFFICIAL_SIZES):
         print(f"build_300w: error: no 300-W subset folder under --manual_dir {args.manual_dir}: expected "
-              f"{', '.join(OFFICIAL_FOLDER_SIZES)} as the archives unpack (README: 300-W)", file=sys.stderr)
+              f"{', '.join(OFFICIAL_FOLDER_SIZES)} as the archives unpack (docs/data.md: 300-W)", file=sys.stderr)
         return 1
     config = config_for(args.image_size)
     builder = Face300W(data_dir=args.data_dir, config=config, skip_bad=args.skip_bad, exif=args.exif, workers=args.workers)

@@ -18,7 +18,7 @@ import matplotlib
 from PIL import Image
 
 import lgcn_jax
-from lgcn_jax.detect import draw
+from lgcn_jax.draw import draw
 
 HOPPER = os.path.join(os.path.dirname(matplotlib.__file__), "mpl-data", "sample_data", "grace_hopper.jpg")
 
@@ -49,7 +49,7 @@ def main(argv=None) -> str:
 
         folder = os.path.dirname(skimage.data.__file__)
     image = collage(folder)
-    faces = lgcn_jax.detect(image)
+    faces = lgcn_jax.detect(image, "300w_paper", refine=1)  # the paper network, two passes, as the figure shows
     print(f"{len(faces)} faces; mean confidence " + ", ".join(f"{f.confidence.mean():.2f}" for f in faces))
     draw(image, faces).save(args.out)
     return args.out

@@ -178,7 +178,7 @@ class PostprocessConfig:
     solver_iterations: int = 30  # interior-point iterations of the constrained least squares
     # Test-time mirroring: the network also runs on the mirrored image, and its heatmaps, mirrored back with
     # the 68-point permutation, are averaged with the image's before decoding.  Twice the network's cost;
-    # not in the paper (README, "Evaluate", has what it changes).
+    # not in the paper (docs/decoding.md has what it changes).
     flip_test: bool = False
     # Added to every decoded x (pixels of the heatmaps).  Mirror augmentation mirrors the labels about the
     # crop's centre; where a dataset's labels sit off the image content horizontally (300-W: ~0.3 px of a

@@ -193,10 +193,12 @@ def photo_id(file_name: str) -> str:
 
 
 def holdout(data: dict[str, np.ndarray], num_faces: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """Split a training split into (train, validation) with at least ``num_faces`` validation faces.
+    """Split a training split into (train, validation) with about ``num_faces`` validation faces.
 
     Whole photos go to one side (faces of one photo share its person and lighting), each
-    subset folder contributes in proportion to its size, and photos are chosen by a CRC32
+    subset folder contributes its share of ``num_faces`` (rounded) in whole photos until
+    that share is reached, so the total can differ by a few faces (200 asked gave 199 on
+    300-W's partial training set), and photos are chosen by a CRC32
     of their name, so the split is the same on every machine and for any order of the
     rows.  Needs "file_name"; order within each part is kept.
     """

@@ -29,7 +29,7 @@ from lgcn_jax import crop as crop_lib
 from lgcn_jax import yunet
 from lgcn_jax.machine import defaults
 
-__all__ = ["YUNET_RELIABLE_FACE", "Detection", "FaceDetector", "FIVE_POINT_TEMPLATE", "frame_from_points", "HaarDetector", "YuNetDetector", "DlibDetector", "DETECTORS", "get_detector", "reduce_image"]
+__all__ = ["YUNET_RELIABLE_FACE", "Detection", "FaceDetector", "HaarDetector", "YuNetDetector", "DlibDetector", "DETECTORS", "get_detector", "reduce_image"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,26 +47,6 @@ class Detection:
 
 
 FaceDetector = Callable[[np.ndarray], list[Detection]]
-
-# Where YuNet's five points (eyes, nose tip, mouth corners; image-left first) sit in the face's upright frame:
-# x right, y down from the centre of the 68 landmarks' box, in units of the box's longer side (medians over
-# the 300-W training faces: bench/calibrate_five_points.py).
-FIVE_POINT_TEMPLATE = np.array([[-0.2319, -0.3129], [0.2164, -0.3084], [-0.0114, -0.0561], [-0.1961, 0.1318], [0.1840, 0.1350]])
-
-
-def frame_from_points(points: np.ndarray, template: np.ndarray = FIVE_POINT_TEMPLATE) -> tuple[np.ndarray, float, float]:
-    """(centre f64[2], longer side, roll) of the landmarks' box, from a detector's five points f[5, 2] (image pixels):
-    the least-squares similarity that maps ``template`` onto them (its translation, scale and rotation)."""
-    a = np.asarray(template, np.float64)
-    b = np.asarray(points, np.float64)
-    ac, bc = a - a.mean(0), b - b.mean(0)
-    dot = float(np.sum(ac * bc))
-    cross = float(np.sum(ac[:, 0] * bc[:, 1] - ac[:, 1] * bc[:, 0]))
-    scale = np.hypot(dot, cross) / float(np.sum(ac * ac))
-    angle = float(np.arctan2(cross, dot))
-    c, s = np.cos(angle), np.sin(angle)
-    center = b.mean(0) - scale * (np.array([[c, -s], [s, c]]) @ a.mean(0))
-    return center, float(scale), angle
 
 
 def reduce_image(gray: np.ndarray, max_side: int) -> tuple[np.ndarray, float]:

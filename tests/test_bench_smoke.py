@@ -207,3 +207,10 @@ def test_gpu_hlo_offline_names_the_missing_plugin():
     script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "gpu_hlo_offline.py")
     r = subprocess.run([sys.executable, script, "--out", os.devnull], capture_output=True, text=True, timeout=300)
     assert r.returncode != 0 and 'pip install "jax[cuda12]==' in r.stderr
+
+
+def test_generated_docs_are_up_to_date():
+    """docs/benchmarks.md and the README's table of weights are what bench/make_docs.py makes of bench/results*.json
+    (no number in them is written by hand); a stale one names itself."""
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "make_docs.py"), "--check"], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr

@@ -19,7 +19,7 @@ import pytest
 import lgcn_jax
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SOURCES = ("pyproject.toml", "README.md", "run_train.py", "run_eval.py", "lgcn_jax", "data_prep", "checkpoints")
+SOURCES = ("pyproject.toml", "README.md", "LICENSE", "run_train.py", "run_eval.py", "lgcn_jax", "data_prep", "checkpoints")
 
 
 @pytest.fixture(scope="module")

@@ -29,13 +29,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "e.g. 300w_paper) instead of random ones; shortcut for train.init_from")
     p.add_argument("--no_progress", action="store_true", help="no progress bar (for logs)")
     p.add_argument("--distributed", action="store_true",
-                   help="one of several processes (hosts): call jax.distributed.initialize() first (see README: several hosts)")
+                   help="one of several processes (hosts): call jax.distributed.initialize() first (docs/training.md: several GPUs, several hosts)")
     p.add_argument("--export", metavar="DIR",
                    help="only write the workdir's best checkpoint to DIR as a self-contained folder (for load_model, checkpoints/)")
     p.add_argument("--recalibrate", type=int, default=0, metavar="N",
                    help="with --export: measure the BatchNorm statistics again over N batches of training crops first")
     p.add_argument("--calibrate_x_offset", action="store_true",
-                   help="with --export: measure postprocess.x_offset on the validation faces (README: Evaluate)")
+                   help="with --export: measure postprocess.x_offset on the validation faces (docs/decoding.md: horizontal offset)")
     p.add_argument("--shape_model_only", action="store_true",
                    help="only (re)build WORKDIR/shape_model.npz from the training split of the workdir's stored config")
     args = p.parse_args(argv)
