@@ -26,6 +26,7 @@ from lgcn_jax import shape_model as shape_model_lib
 from lgcn_jax.config import PRESETS, Config, write_config
 from lgcn_jax.errors import CheckpointError, DatasetError
 from lgcn_jax.evaluation import evaluate, horizontal_offset
+from lgcn_jax.evaluation import tune_decoding as tune_decoding_on
 from lgcn_jax.logs import log, log_details_to, quiet_failed_restores
 from lgcn_jax.metric_writer import MetricWriter
 from lgcn_jax.files import atomic_path
@@ -308,14 +309,15 @@ def _train_and_evaluate(config: Config, workdir: str, progress: bool, stored: Co
 
 
 def export_workdir(workdir: str, directory: str, which: str = "best", recalibrate_batches: int = 0, data_dir: str | None = None,
-                   calibrate_x_offset: bool = False) -> str:
+                   calibrate_x_offset: bool = False, tune_decoding: bool = False) -> str:
     """Write a workdir's checkpoint as a self-contained folder (config.json, params.msgpack, shape_model.npz).
 
     With ``recalibrate_batches`` > 0 the BatchNorm statistics are measured again over that many
     batches of unaugmented training crops first (the best checkpoint already carries
     ``train.bn_recalibration_batches`` of them), read from ``data_dir`` (default: the workdir's stored one).
     With ``calibrate_x_offset`` the exported ``postprocess.x_offset`` is measured on the validation faces
-    (``evaluation.horizontal_offset``; never on a test subset).
+    (``evaluation.horizontal_offset``; never on a test subset); with ``tune_decoding`` so is
+    ``postprocess.peak_fit_radius``, each candidate radius with its own offset (``evaluation.tune_decoding``).
     Refuses to write into a non-empty ``directory``.
     """
     if os.path.exists(directory) and not os.path.isdir(directory):
@@ -328,15 +330,21 @@ def export_workdir(workdir: str, directory: str, which: str = "best", recalibrat
     config = model.config
     if data_dir:
         config = dataclasses.replace(config, data=dataclasses.replace(config.data, data_dir=data_dir))
-    if calibrate_x_offset and config.data.dataset == "300w" and config.data.validation_faces == 0:
-        raise ValueError("calibrate_x_offset needs faces held out of train (data.validation_faces > 0); "
+    if (calibrate_x_offset or tune_decoding) and config.data.dataset == "300w" and config.data.validation_faces == 0:
+        raise ValueError("calibrate_x_offset and tune_decoding need faces held out of train (data.validation_faces > 0); "
                          "this run has none, and the test subsets are not used for calibration")
-    if recalibrate_batches or calibrate_x_offset:
+    if recalibrate_batches or calibrate_x_offset or tune_decoding:
         train_data, val_data = training_splits(config)
         if recalibrate_batches:
             config = dataclasses.replace(config, train=dataclasses.replace(config.train, bn_recalibration_batches=recalibrate_batches))
             model = model.replace(params=recalibrated(model.params, train_data, config))
-        if calibrate_x_offset:
+        if tune_decoding:
+            model, table = tune_decoding_on(model, val_data)
+            for r, (offset, nme) in table.items():
+                log.info("peak_fit_radius %2d: x_offset %.4f px, validation NME %.4f%%", r, offset, 100 * nme)
+            log.info("chose peak_fit_radius=%d, x_offset=%.4f on %d validation faces", model.postprocess.peak_fit_radius,
+                     model.postprocess.x_offset, len(val_data["image"]))
+        elif calibrate_x_offset:
             offset = horizontal_offset(model, val_data)
             log.info("postprocess.x_offset = %.4f px, measured on %d validation faces", offset, len(val_data["image"]))
             model = model.with_postprocess(x_offset=round(offset, 4))

@@ -347,3 +347,22 @@ def test_distillation_from_a_teacher_workdir(trained_workdir, synthetic_data_dir
     assert not _trees_equal(lgcn_jax.load_params(plain, "last")[0].params, lgcn_jax.load_params(str(wd), "last")[0].params)
     with pytest.raises(CheckpointError, match="a teacher must see the same crops"):
         lgcn_jax.train_and_evaluate(lgcn_jax.apply_overrides(base, ["train.distill_from=300w_cpu"]), str(tmp_path / "other"), progress=False)
+
+
+def test_export_tunes_the_decoding_on_the_validation_faces(trained_workdir, tmp_path, monkeypatch):
+    """--tune_decoding: the exported peak_fit_radius is the candidate with the lowest NME on the validation split,
+    with that radius's own x_offset; decoding the exported model on those faces gives that NME."""
+    from lgcn_jax import datasets, evaluation
+
+    monkeypatch.setattr(evaluation, "PEAK_FIT_RADII", (1, 3, 8))  # fewer candidates: each compiles its decoding
+    best = lgcn_jax.load_model(trained_workdir)
+    val = datasets.load_split(best.config.data, "validation")
+    _, table = evaluation.tune_decoding(best, val)
+    out = tmp_path / "tuned"
+    assert cli_train.main(["--workdir", trained_workdir, "--export", str(out), "--tune_decoding"]) == 0
+    model = lgcn_jax.load_model(str(out))
+    r = model.postprocess.peak_fit_radius
+    assert table[r][1] == min(nme for _, nme in table.values()) and model.postprocess.x_offset == table[r][0]
+    got = evaluation.evaluate_landmarks(evaluation.predict_landmarks(model, val), val["landmarks"])["inter_ocular"]["nme"]
+    assert got == pytest.approx(table[r][1], rel=1e-4)
+    assert set(table) == {1, 3, 8}

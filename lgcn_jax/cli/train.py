@@ -34,6 +34,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="only write the workdir's best checkpoint to DIR as a self-contained folder (for load_model, checkpoints/)")
     p.add_argument("--recalibrate", type=int, default=0, metavar="N",
                    help="with --export: measure the BatchNorm statistics again over N batches of training crops first")
+    p.add_argument("--tune_decoding", action="store_true",
+                   help="with --export: choose postprocess.peak_fit_radius and x_offset on the validation faces (docs/decoding.md)")
     p.add_argument("--calibrate_x_offset", action="store_true",
                    help="with --export: measure postprocess.x_offset on the validation faces (docs/decoding.md: horizontal offset)")
     p.add_argument("--shape_model_only", action="store_true",
@@ -43,6 +45,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--recalibrate N takes N >= 0 and goes with --export")
     if args.calibrate_x_offset and not args.export:
         p.error("--calibrate_x_offset goes with --export")
+    if args.tune_decoding and not args.export:
+        p.error("--tune_decoding goes with --export")
     if args.data_dir:
         # Stored in WORKDIR/config.json: absolute, so that later commands from another folder find it.
         args.data_dir = os.path.abspath(os.path.expanduser(args.data_dir))
@@ -80,7 +84,7 @@ def main(argv=None) -> int:
     if args.export:
         try:
             path = train.export_workdir(args.workdir, args.export, recalibrate_batches=args.recalibrate, data_dir=args.data_dir,
-                                        calibrate_x_offset=args.calibrate_x_offset)
+                                        calibrate_x_offset=args.calibrate_x_offset, tune_decoding=args.tune_decoding)
         except (CheckpointError, ShapeModelError, DatasetError, ValueError) as e:
             print(f"run_train.py: error: {e}", file=sys.stderr)
             return 1
