@@ -15,15 +15,17 @@ import os
 from typing import Any
 
 import jax
-import orbax.checkpoint as ocp
 
 from lgcn_jax import network
 from lgcn_jax.config import Config
 from lgcn_jax.errors import CheckpointError
+from lgcn_jax.lazy import lazy_import
 from lgcn_jax.logs import detail_log_path, details, log, short_reason
 from lgcn_jax.train_state import create_train_state
 
 __all__ = ["Checkpoints", "restore_params", "has_checkpoints"]
+
+ocp = lazy_import("orbax.checkpoint")  # loaded when a workdir is first opened
 
 
 class Checkpoints:

@@ -331,7 +331,7 @@ def export_workdir(workdir: str, directory: str, which: str = "best", recalibrat
     if data_dir:
         config = dataclasses.replace(config, data=dataclasses.replace(config.data, data_dir=data_dir))
     if (calibrate_x_offset or tune_decoding) and config.data.dataset == "300w" and config.data.validation_faces == 0:
-        raise ValueError("calibrate_x_offset and tune_decoding need faces held out of train (data.validation_faces > 0); "
+        raise ValueError("calibrate_x_offset (and tune_decoding) needs faces held out of train (data.validation_faces > 0); "
                          "this run has none, and the test subsets are not used for calibration")
     if recalibrate_batches or calibrate_x_offset or tune_decoding:
         train_data, val_data = training_splits(config)

@@ -10,13 +10,15 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import optax
 from flax import struct
 
 from lgcn_jax import network
 from lgcn_jax.config import Config, TrainConfig
+from lgcn_jax.lazy import lazy_import
 
 __all__ = ["TrainState", "learning_rate_schedule", "make_optimizer", "create_train_state"]
+
+optax = lazy_import("optax")  # loaded when an optimiser is first made
 
 
 @struct.dataclass
