@@ -137,12 +137,12 @@ def export_onnx(model, path: str, *, overwrite: bool = False, opset: int = 21) -
 
     The batch dimension is symbolic ("B"): one file serves any number of crops.  Returns ``path``.
     """
+    path = _target(path, "onnx", overwrite)
     _require("export_onnx", "jax2onnx", "onnx")
     import onnx
     from jax2onnx import to_onnx
 
     model = resolve_model(model, "model")
-    path = _target(path, "onnx", overwrite)
     size = model.data.image_size
     with _quiet("jax2onnx", "onnx_ir"):
         proto = to_onnx(inference_function(model), [("B", size, size, 1)], model_name="lgcn", opset=opset,
@@ -178,14 +178,14 @@ def export_tflite(model, path: str, *, batch_size: int = 1, overwrite: bool = Fa
     jax2tf then TensorFlow's TFLite converter; the batch is fixed at ``batch_size`` (the converter cannot lower the
     arg-max with a symbolic batch).  Signature "serving_default": input ``images``, outputs by name.  Returns ``path``.
     """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    path = _target(path, "tflite", overwrite)
     _require("export_tflite", "tensorflow", "ai_edge_litert", "flatbuffers")
     import tensorflow as tf
     from jax.experimental import jax2tf
 
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     model = resolve_model(model, "model")
-    path = _target(path, "tflite", overwrite)
     size = model.data.image_size
     tf.config.set_visible_devices([], "GPU")  # conversion only; the accelerator stays JAX's
     # Lowered for the CPU whatever JAX's backend: the converter reads the program, and LiteRT runs anywhere.

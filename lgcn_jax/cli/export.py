@@ -8,7 +8,7 @@ import sys
 
 from lgcn_jax.errors import CheckpointError, ShapeModelError
 from lgcn_jax.export import FORMATS, export
-from lgcn_jax.release import checkpoint_path, is_folder, released_names
+from lgcn_jax.release import is_folder, released_names, resolve_model
 
 __all__ = ["main", "parser"]
 
@@ -38,8 +38,8 @@ def main(argv=None) -> int:
         return 1
     options = {"batch_size": args.batch_size} if args.batch_size != 1 else {}
     try:
-        checkpoint_path(args.checkpoint)  # an unknown name: an error listing the released ones, before the exporters load
-        path = export(args.checkpoint, args.out, args.format, overwrite=args.overwrite, **options)
+        model = resolve_model(args.checkpoint, "CHECKPOINT")  # errors about the checkpoint come before those about the extra
+        path = export(model, args.out, args.format, overwrite=args.overwrite, **options)
     except (CheckpointError, ShapeModelError, ValueError, ImportError, OSError) as e:
         print(f"lgcn-export: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 1
