@@ -13,6 +13,7 @@ ONNX nor LiteRT has, so it runs here.  The landmarks agree with ``predict``'s to
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import numpy as np
@@ -38,12 +39,15 @@ def shape_arrays(shape_model: Any) -> dict[str, np.ndarray]:
             "lower": np.asarray(get("lower"), np.int64), "upper": np.asarray(get("upper"), np.int64)}
 
 
+@functools.lru_cache(maxsize=16)
 def quadratic_fit_matrix(radius: int) -> np.ndarray:
     """f64[6, (2r+1)^2]: least-squares coefficients (1, x, y, x^2, xy, y^2) of a quadratic from the samples of a
     (2r+1)^2 window in row-major order, at offsets -r..r from its centre (``heatmaps.refine_at``'s window fit)."""
     d = np.arange(-radius, radius + 1, dtype=np.float64)
     y, x = (a.reshape(-1) for a in np.meshgrid(d, d, indexing="ij"))
-    return np.linalg.pinv(np.stack([np.ones_like(x), x, y, x * x, x * y, y * y], -1))
+    fit = np.linalg.pinv(np.stack([np.ones_like(x), x, y, x * x, x * y, y * y], -1))
+    fit.flags.writeable = False  # shared by every caller
+    return fit
 
 
 def log_parabola_offset(left, mid, right, xp=np):
@@ -105,8 +109,12 @@ def local_maxima(heat: np.ndarray) -> np.ndarray:
     """bool[H, W, L]: pixels >= their 3x3 neighbours (edge replicated) and > at least one of them."""
     h, w = heat.shape[:2]
     padded = np.pad(heat, [(1, 1), (1, 1), (0, 0)], mode="edge")
-    windows = [padded[dy:dy + h, dx:dx + w] for dy in range(3) for dx in range(3)]
-    return (heat >= np.max(windows, axis=0)) & (heat > np.min(windows, axis=0))
+    # Separable: over 3 rows, then over 3 columns.
+    hi = np.maximum(np.maximum(padded[:h], padded[1:h + 1]), padded[2:])
+    lo = np.minimum(np.minimum(padded[:h], padded[1:h + 1]), padded[2:])
+    hi = np.maximum(np.maximum(hi[:, :w], hi[:, 1:w + 1]), hi[:, 2:])
+    lo = np.minimum(np.minimum(lo[:, :w], lo[:, 1:w + 1]), lo[:, 2:])
+    return (heat >= hi) & (heat > lo)
 
 
 def _kabsch_angle(source: np.ndarray, target: np.ndarray, weights: np.ndarray) -> float:
@@ -138,21 +146,23 @@ def _rotation(heat, points, mean, threshold: float) -> float:
     return _kabsch_angle(mean, points, weights.astype(np.float64))
 
 
-def _statistics(heat: np.ndarray, floor: float, around: np.ndarray | None, half: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per-map total squared weight f64[L] and weighted mean position f64[L, 2] of heat f[H, W, L]; with
-    ``around`` f[L, 2], of the pixels within ``half`` (Chebyshev) of each map's rounded point."""
-    h, w, num_l = heat.shape
-    w2 = np.square(np.where(heat > floor, heat, 0.0))
-    if around is not None:
+def _statistics(w2: np.ndarray, around: np.ndarray | None, half: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-map total squared weight f64[L] and weighted mean position f64[L, 2] from the squared weights
+    w2 f64[L, H, W] (0 at or below the floor); with ``around`` f[L, 2], of the pixels within ``half``
+    (Chebyshev) of each map's rounded point."""
+    num_l, h, w = w2.shape
+    if around is None:
+        rows, cols = w2.sum(2), w2.sum(1)  # [L, H], [L, W]
+    else:
         span = 4.0 * (h + w)  # far-off or non-finite points stay off the map, as postprocess._rounded keeps them
-        p = np.clip(np.nan_to_num(np.round(around), nan=-span, posinf=span, neginf=-span), -span, span).astype(np.int64)
-        near_x = np.abs(np.arange(w)[:, None] - p[:, 0]) <= half  # [W, L]
-        near_y = np.abs(np.arange(h)[:, None] - p[:, 1]) <= half  # [H, L]
-        w2 = w2 * (near_y[:, None, :] & near_x[None, :, :])
-    cols, rows = w2.sum(0), w2.sum(1)  # [W, L], [H, L]
-    total = cols.sum(0)
-    mean = np.stack([np.arange(w) @ cols, np.arange(h) @ rows], -1) / np.maximum(total, 1e-30)[:, None]
-    return total, mean
+        p = np.clip(np.nan_to_num(np.round(around), nan=-span, posinf=span, neginf=-span), -span, span)
+        near_x = (np.abs(np.arange(w) - p[:, :1]) <= half).astype(w2.dtype)  # [L, W]
+        near_y = (np.abs(np.arange(h) - p[:, 1:]) <= half).astype(w2.dtype)  # [L, H]
+        rows = (w2 @ near_x[:, :, None])[..., 0] * near_y  # the window's row sums, one batched product per axis
+        cols = (near_y[:, None, :] @ w2)[:, 0, :] * near_x
+    total = rows.sum(1)
+    mean = np.stack([cols @ np.arange(w, dtype=w2.dtype), rows @ np.arange(h, dtype=w2.dtype)], -1)
+    return total, mean / np.maximum(total, 1e-30)[:, None]
 
 
 def solve_qp(hess: np.ndarray, grad: np.ndarray, a: np.ndarray, bound: np.ndarray, iterations: int = 30) -> np.ndarray:
@@ -197,12 +207,13 @@ def solve_qp(hess: np.ndarray, grad: np.ndarray, a: np.ndarray, bound: np.ndarra
     return x
 
 
-def _fit(heat, theta: float, shape: dict, num_components: int, cfg: PostprocessConfig, around=None, half: int = 0) -> np.ndarray:
-    """The rotated shape model fitted to the maps (within ``half`` of ``around`` f[L, 2] if given): f64[L, 2]."""
-    h, w, num_l = heat.shape
+def _fit(w2, theta: float, shape: dict, num_components: int, cfg: PostprocessConfig, around=None, half: int = 0) -> np.ndarray:
+    """The rotated shape model fitted to the maps' squared weights w2 f64[L, H, W] (within ``half`` of ``around``
+    f[L, 2] if given): f64[L, 2]."""
+    num_l, h, w = w2.shape
     center = np.array([(w - 1) / 2.0, (h - 1) / 2.0])
     comps = shape["components"][:num_components]
-    total, target = _statistics(heat, cfg.weight_floor, around, half)
+    total, target = _statistics(w2, around, half)
     base = _rotate(shape["mean"], theta, center)
     jac = _rotate(comps, theta, np.zeros(2)).reshape(num_components, -1)  # [K, 2L]
     wc = np.repeat(total, 2)
@@ -222,12 +233,17 @@ def _fit(heat, theta: float, shape: dict, num_components: int, cfg: PostprocessC
 def _nearest_peak(heat: np.ndarray, points: np.ndarray, fit_radius: int) -> tuple[np.ndarray, np.ndarray]:
     """The nearest local maximum of each map to its point (the first in row-major order among equals), sub-pixel
     refined: (x, y) f64[L, 2], value f64[L] (0 for a map without any)."""
-    h, w, num_l = heat.shape
-    d2 = (np.arange(w)[None, :, None] - points[:, 0]) ** 2 + (np.arange(h)[:, None, None] - points[:, 1]) ** 2
-    d2 = np.where(local_maxima(heat), d2, np.inf).reshape(h * w, num_l)
-    flat = np.argmin(d2, axis=0)
-    xy, value = _refine_at(heat, flat // w, flat % w, fit_radius)
-    return xy, np.where(np.isfinite(d2.min(0)), value, 0.0)
+    num_l = heat.shape[2]
+    ys, xs, ls = np.nonzero(local_maxima(heat))  # row-major order
+    d2 = (xs - points[ls, 0]) ** 2 + (ys - points[ls, 1]) ** 2
+    order = np.lexsort((np.arange(len(ls)), d2, ls))  # by map, then distance, then row-major position
+    maps, first = np.unique(ls[order], return_index=True)
+    iy, ix = np.zeros(num_l, np.int64), np.zeros(num_l, np.int64)  # no maximum: pixel (0, 0), as postprocess has it
+    iy[maps], ix[maps] = ys[order[first]], xs[order[first]]
+    xy, value = _refine_at(heat, iy, ix, fit_radius)
+    found = np.zeros(num_l, bool)
+    found[maps] = True
+    return xy, np.where(found, value, 0.0)
 
 
 def _decode_one(heat: np.ndarray, shape: dict | None, cfg: PostprocessConfig) -> tuple[np.ndarray, np.ndarray]:
@@ -237,12 +253,13 @@ def _decode_one(heat: np.ndarray, shape: dict | None, cfg: PostprocessConfig) ->
     if shape is None:
         return init, peak
     num_components = min(cfg.num_components, shape["components"].shape[0])
+    w2 = np.square(np.where(heat > cfg.weight_floor, heat, 0.0)).transpose(2, 0, 1)  # map-major: contiguous rows
     theta = _rotation(heat, init, shape["mean"], cfg.confidence_threshold)
-    fit = _fit(heat, theta, shape, num_components, cfg)
+    fit = _fit(w2, theta, shape, num_components, cfg)
     if cfg.local_windows:
         theta = _rotation(heat, fit, shape["mean"], cfg.confidence_threshold)  # kept through the local refits, as in [M]
         for half in cfg.local_windows:
-            fit = _fit(heat, theta, shape, num_components, cfg, fit, _scaled(half, size))
+            fit = _fit(w2, theta, shape, num_components, cfg, fit, _scaled(half, size))
     if not cfg.blend:
         return fit, _values_at(heat, fit)
     peak_xy, value = _nearest_peak(heat, fit, fit_radius)
