@@ -9,8 +9,12 @@
     params = lgcn_jax.init(jax.random.key(0), lgcn_jax.get_config("paper"))
     heatmaps = lgcn_jax.apply(params, images)      # f32[B, H, W, 1] -> f32[B, H, W, 68]
 
-The training API (``train_and_evaluate``, ``train_step``, ``create_train_state``, ``eval_step``) is loaded
-on first use, so that inference does not import the optimiser and checkpointing libraries.
+    lgcn_jax.export_onnx("300w_cpu", "lgcn.onnx")   # for ONNX Runtime (export_tflite: LiteRT), docs/export.md
+    lgcn_jax.decode_numpy.decode(heatmaps, shape_model, postprocess)   # the full decoding in NumPy
+
+The training API (``train_and_evaluate``, ``train_step``, ``create_train_state``, ``eval_step``), the exporters
+and ``decode_numpy`` are loaded on first use, so that inference does not import the optimiser and checkpointing
+libraries, nor the export tools (``pip install "lgcn_jax[export]"``).
 """
 
 from __future__ import annotations
@@ -34,28 +38,31 @@ from lgcn_jax.track import Tracker, track
 
 __version__ = "0.2.0"
 
-# Loaded on first use (PEP 562): name -> module.
-_TRAINING = {"train_and_evaluate": "lgcn_jax.train", "train_step": "lgcn_jax.step", "create_train_state": "lgcn_jax.train_state",
-             "eval_step": "lgcn_jax.evaluation"}
+# Loaded on first use (PEP 562): name -> module holding it (a module of that name is the module itself).
+_LAZY = {"train_and_evaluate": "lgcn_jax.train", "train_step": "lgcn_jax.step", "create_train_state": "lgcn_jax.train_state",
+         "eval_step": "lgcn_jax.evaluation", "export_onnx": "lgcn_jax.export", "export_tflite": "lgcn_jax.export",
+         "decode_numpy": "lgcn_jax.decode_numpy"}
 
 
 def __getattr__(name: str):
-    if name in _TRAINING:
-        value = getattr(importlib.import_module(_TRAINING[name]), name)
+    if name in _LAZY:
+        module = importlib.import_module(_LAZY[name])
+        value = module if module.__name__ == f"{__name__}.{name}" else getattr(module, name)
         globals()[name] = value
         return value
     raise AttributeError(f"module 'lgcn_jax' has no attribute {name!r}")
 
 
 def __dir__():
-    return sorted(set(globals()) | set(_TRAINING))
+    return sorted(set(globals()) | set(_LAZY))
 
 
 __all__ = [
-    "CheckpointError", "Config", "DataConfig", "DatasetError", "ExecutionConfig", "Face", "ImageError", "Kernel", "LGCNParams", "Model",
-    "ModelConfig", "PostprocessConfig", "ShapeModel", "ShapeModelError", "TrainConfig", "Tracker", "VideoError",
-    "apply", "apply_overrides", "apply_train", "argmax_subpixel", "build_shape_model", "create_train_state", "default_model", "detect",
-    "detect_batch", "enable_compilation_cache", "eval_step", "export_model", "get_config", "heatmap_loss", "init", "kernel_conv",
-    "kernel_conv_direct", "load_model", "load_params", "load_pretrained", "load_shape_model", "postprocess", "postprocess_with_confidence",
-    "predict", "predict_with_confidence", "render_targets", "save_shape_model", "track", "train_and_evaluate", "train_step",
+    "CheckpointError", "Config", "DataConfig", "DatasetError", "ExecutionConfig", "Face", "ImageError", "Kernel", "LGCNParams",
+    "Model", "ModelConfig", "PostprocessConfig", "ShapeModel", "ShapeModelError", "TrainConfig", "Tracker", "VideoError", "apply",
+    "apply_overrides", "apply_train", "argmax_subpixel", "build_shape_model", "create_train_state", "decode_numpy",
+    "default_model", "detect", "detect_batch", "enable_compilation_cache", "eval_step", "export_model", "export_onnx",
+    "export_tflite", "get_config", "heatmap_loss", "init", "kernel_conv", "kernel_conv_direct", "load_model", "load_params",
+    "load_pretrained", "load_shape_model", "postprocess", "postprocess_with_confidence", "predict", "predict_with_confidence",
+    "render_targets", "save_shape_model", "track", "train_and_evaluate", "train_step",
 ]

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
+from lgcn_jax.decode_numpy import log_parabola_offset, quadratic_fit_matrix
 from lgcn_jax.kernel_conv import Kernel
 
 __all__ = ["tent_weights", "splat", "render_targets", "argmax_subpixel", "first_argmax", "refine_at"]
@@ -56,22 +56,6 @@ def render_targets(landmarks: jax.Array, height: int, width: int, kernel: Kernel
     return targets, inside
 
 
-def _log_parabola_offset(left: jax.Array, mid: jax.Array, right: jax.Array) -> jax.Array:
-    """Sub-pixel offset of a peak from three samples, fitting a parabola to their logs.
-
-    A Gaussian is a parabola in log space, so this is exact for a Gaussian peak
-    and within 0.07 px for the LGCN kernel (tests); values are floored at a
-    small fraction of the peak so the log stays finite, and the offset is
-    clipped to half a pixel (the arg-max already found the nearest pixel).
-    """
-    floor = jnp.maximum(mid, 1e-20) * 1e-6
-    l, m, r = (jnp.log(jnp.maximum(v, floor)) for v in (left, mid, right))
-    curvature = l - 2.0 * m + r
-    ok = (curvature < 0) & (mid > 0)
-    offset = 0.5 * (l - r) / jnp.where(ok, curvature, -1.0)
-    return jnp.where(ok, jnp.clip(offset, -0.5, 0.5), 0.0)
-
-
 def first_argmax(maps: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Row and column of each map's maximum, the first in row-major order (as ``argmax`` of the flat map).
 
@@ -87,14 +71,6 @@ def first_argmax(maps: jax.Array) -> tuple[jax.Array, jax.Array]:
     return iy.astype(jnp.int32), jnp.argmax(row, axis=-2).astype(jnp.int32)
 
 
-def _quadratic_fit_matrix(radius: int) -> np.ndarray:
-    """f64[6, (2r+1)^2]: least-squares coefficients (1, x, y, x^2, xy, y^2) of a quadratic from the samples of a
-    (2r+1)^2 window in row-major order, at offsets -r..r from its centre."""
-    d = np.arange(-radius, radius + 1, dtype=np.float64)
-    y, x = (a.reshape(-1) for a in np.meshgrid(d, d, indexing="ij"))
-    return np.linalg.pinv(np.stack([np.ones_like(x), x, y, x * x, x * y, y * y], -1))
-
-
 def _window_peak(flat: jax.Array, h: int, w: int, iy: jax.Array, ix: jax.Array, radius: int) -> tuple[jax.Array, jax.Array]:
     """Sub-pixel peak f32[..., L, 2] and a flag bool[..., L] (False: no concave maximum in the window) from a
     least-squares quadratic fitted to the log heatmap over a (2r+1)^2 window around (iy, ix) (moved inside the map)."""
@@ -106,7 +82,7 @@ def _window_peak(flat: jax.Array, h: int, w: int, iy: jax.Array, ix: jax.Array, 
     top = values.max(axis=-2, keepdims=True)
     # Relative to the window's maximum (the fit's x and y rows sum to 0, so only rounding changes): small sums.
     logs = jnp.log(jnp.maximum(values / jnp.where(top > 0, top, 1.0), 1e-6))
-    coef = jnp.einsum("kn,...nl->...kl", jnp.asarray(_quadratic_fit_matrix(radius), flat.dtype), logs,
+    coef = jnp.einsum("kn,...nl->...kl", jnp.asarray(quadratic_fit_matrix(radius), flat.dtype), logs,
                       precision=jax.lax.Precision.HIGHEST)
     _, b, c, dxx, dxy, dyy = (coef[..., k, :] for k in range(6))
     det = 4.0 * dxx * dyy - dxy * dxy
@@ -142,8 +118,8 @@ def refine_at(heatmaps: jax.Array, iy: jax.Array, ix: jax.Array, radius: int = 1
     right = jnp.where(ix < w - 1, at(iy, ix + 1), left)
     up = jnp.where(iy > 0, at(iy - 1, ix), at(iy + 1, ix))
     down = jnp.where(iy < h - 1, at(iy + 1, ix), up)
-    x = ix + _log_parabola_offset(left, peak, right)
-    y = iy + _log_parabola_offset(up, peak, down)
+    x = ix + log_parabola_offset(left, peak, right, jnp)
+    y = iy + log_parabola_offset(up, peak, down, jnp)
     xy = jnp.stack([x, y], axis=-1).astype(jnp.float32)
     radius = min(int(radius), (h - 1) // 2, (w - 1) // 2)
     if radius > 1:

@@ -48,7 +48,8 @@ from lgcn_jax.config import PostprocessConfig
 from lgcn_jax.heatmaps import argmax_subpixel, first_argmax, refine_at
 from lgcn_jax.shape_model import ShapeModel, empty_shape_model, kabsch_angle, rotate
 
-__all__ = ["postprocess", "postprocess_with_confidence", "solve_qp", "cholesky", "cho_solve", "check_heatmaps"]
+__all__ = ["postprocess", "postprocess_with_confidence", "solve_qp", "cholesky", "cho_solve", "check_heatmaps", "peak_fit_radius",
+           "decode_peaks"]
 
 # Pixels (of a 96-pixel map) around the fit searched first for the nearest peak; the result
 # does not depend on it (a miss searches the whole map), only the speed does.  With the
@@ -291,8 +292,27 @@ def _scaled(pixels: int, size: int) -> int:
     return max(1, round(pixels * size / 96))
 
 
+def peak_fit_radius(cfg: PostprocessConfig, size: int) -> int:
+    """``cfg.peak_fit_radius`` in pixels of ``size``-pixel heatmaps (1, the 3-point fit, stays 1)."""
+    return _scaled(cfg.peak_fit_radius, size) if cfg.peak_fit_radius > 1 else 1
+
+
+def decode_peaks(heatmaps: jax.Array, cfg: PostprocessConfig) -> tuple[jax.Array, jax.Array]:
+    """The decoding without a shape model, over a whole batch: what ``postprocess_batch`` gives with
+    ``use_shape_model=False``, as plain array operations (no loop over faces, no scatter), so that
+    exporters (ONNX, LiteRT) carry it.
+
+    Args:
+      heatmaps: f32[B, H, W, L].
+    Returns:
+      landmarks f32[B, L, 2] (sub-pixel peaks, ``cfg.x_offset`` added to x) and their values f32[B, L].
+    """
+    landmarks, value = argmax_subpixel(heatmaps, peak_fit_radius(cfg, heatmaps.shape[1]))
+    return landmarks + jnp.asarray([cfg.x_offset, 0.0], landmarks.dtype), value
+
+
 def _postprocess_one(heat: jax.Array, model: ShapeModel, cfg: PostprocessConfig) -> tuple[jax.Array, jax.Array]:
-    fit_radius = _scaled(cfg.peak_fit_radius, heat.shape[0]) if cfg.peak_fit_radius > 1 else 1
+    fit_radius = peak_fit_radius(cfg, heat.shape[0])
     init, peak = argmax_subpixel(heat[None], fit_radius)
     init, peak = init[0], peak[0]
     if not cfg.use_shape_model:
