@@ -166,7 +166,9 @@ def test_the_example_finds_the_landmarks_of_detect_without_jax(exported, tmp_pat
     assert run.returncode == 0, run.stderr[-3000:]
     (face,) = json.loads(run.stdout.strip().splitlines()[-1])["faces"]
     assert out.stat().st_size > 0
-    (reference,) = lgcn_jax.detect(PHOTO, lgcn_jax.load_pretrained("300w_cpu").with_postprocess(use_shape_model=False))
+    # The example searches the full photo and makes two passes, as detect(detector="yunet", refine=1) does.
+    (reference,) = lgcn_jax.detect(PHOTO, lgcn_jax.load_pretrained("300w_cpu").with_postprocess(use_shape_model=False), detector="yunet",
+                                   refine=1)
     distance = np.linalg.norm(np.asarray(face["landmarks"]) - reference.landmarks, axis=1)
     assert distance.mean() < 0.5 and distance.max() < 2.0, distance  # pixels of a face ~110 px between the eyes
 
