@@ -152,6 +152,21 @@ def section_detectors(r: dict) -> list[str]:
     return out
 
 
+def section_export(r: dict) -> list[str]:
+    out = ["## Exported networks (ONNX Runtime, LiteRT)", "",
+           f"`python bench/bench_export.py` on {where(r['machine'])}: ms per face of the network alone and with the NumPy decoding, "
+           "against XLA in the same run, and the largest differences from XLA.", ""]
+    rows = []
+    for name, n in r["networks"].items():
+        for batch, b in n["batches"].items():
+            ms, hm, lm = b["ms_per_face"], b["max_heatmap_diff_vs_xla"], b["max_landmark_diff_vs_predict_px"]
+            rows.append([f"`{name}`, batch {batch[1:]}", num(ms["xla_apply"]), num(ms["onnx_graph"]), num(ms["litert_graph"]),
+                         num(ms["xla_predict"]), num(ms["onnx_plus_decode_numpy"]), num(ms["litert_plus_decode_numpy"]),
+                         f"{max(hm.values()):.1e}", f"{max(lm.values()):.1e}"])
+    return out + table(["network", "XLA apply", "ONNX Runtime", "LiteRT", "XLA predict", "ONNX Runtime + decode_numpy",
+                        "LiteRT + decode_numpy", "heatmaps vs XLA", "landmarks vs predict, px"], rows)
+
+
 def section_video(r: dict) -> list[str]:
     return ["## Video", "", f"`python bench/bench_video.py` ({r['frames']} frames at {r['size']}, weights `{r['weights']}`) on {where(r['machine'])}.", ""] + \
         table(["frames per second", ""], [["`track`", num(r["track_fps"])], ["`detect` on every frame", num(r["detect_every_frame_fps"])],
@@ -200,7 +215,7 @@ def benchmarks_md() -> str:
     sections = [("results_weights.json", section_weights), ("results_realtime.json", section_realtime),
                 ("results_end_to_end.json", section_end_to_end), ("results_framings.json", section_framings),
                 ("results_face_detectors.json", section_detectors),
-                ("results_video.json", section_video), ("results_postprocess.json", section_postprocess), ("results.json", section_core),
+                ("results_video.json", section_video), ("results_export.json", section_export), ("results_postprocess.json", section_postprocess), ("results.json", section_core),
                 ("results_profile.json", section_gpu_profile)]
     for name, make in sections:
         r = load(name)
