@@ -26,6 +26,7 @@ from lgcn_jax.config import (Config, DataConfig, ExecutionConfig, ModelConfig, P
                              get_config)
 from lgcn_jax.detect import Face, detect, detect_batch
 from lgcn_jax.errors import CheckpointError, DatasetError, ImageError, ShapeModelError, VideoError
+from lgcn_jax.executables import enable_program_store
 from lgcn_jax.heatmaps import argmax_subpixel, render_targets
 from lgcn_jax.kernel_conv import Kernel, kernel_conv, kernel_conv_direct
 from lgcn_jax.loss import heatmap_loss
@@ -61,7 +62,7 @@ __all__ = [
     "CheckpointError", "Config", "DataConfig", "DatasetError", "ExecutionConfig", "Face", "ImageError", "Kernel", "LGCNParams",
     "Model", "ModelConfig", "PostprocessConfig", "ShapeModel", "ShapeModelError", "TrainConfig", "Tracker", "VideoError", "apply",
     "apply_overrides", "apply_train", "argmax_subpixel", "build_shape_model", "create_train_state", "decode_numpy",
-    "default_model", "detect", "detect_batch", "enable_compilation_cache", "eval_step", "export_model", "export_onnx",
+    "default_model", "detect", "detect_batch", "enable_compilation_cache", "enable_program_store", "eval_step", "export_model", "export_onnx",
     "export_tflite", "get_config", "heatmap_loss", "init", "kernel_conv", "kernel_conv_direct", "load_model", "load_params",
     "load_pretrained", "load_shape_model", "postprocess", "postprocess_with_confidence", "predict", "predict_with_confidence",
     "render_targets", "save_shape_model", "track", "train_and_evaluate", "train_step",

@@ -7,13 +7,18 @@ executable itself is stored, next to JAX's cache, keyed by everything that shape
 code (lgcn_jax's sources and JAX's version), the backend and its device (and on a CPU its instruction
 set), the XLA flags, the static settings and the shapes and dtypes of the arguments.  A program that
 calls a library routine (a custom call) is not stored: loading one needs the routine registered first.
+A loaded program's first run is checked; one that fails is compiled again and its file removed.
 
-Used only where the compilation cache is on (``enable_compilation_cache``: ``lgcn-detect`` does it by
-default); otherwise programs compile as usual.
+Programs JAX loads from its own persistent cache leave kernels behind that a fresh compile in the same
+process then shares rather than includes, so an executable stored there is incomplete (it fails in the
+next process with "Function ... not found"): the store is used only where JAX's persistent cache is off.
+It is on once a program asks for it (``enable_program_store``; ``lgcn-detect`` does by default), and
+only on Linux (XLA's loading of CPU executables has crashed elsewhere: jax-ml/jax issues).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import os
@@ -26,16 +31,34 @@ from jax.experimental import serialize_executable
 from lgcn_jax.files import atomic_path
 from lgcn_jax.logs import log
 
-__all__ = ["cache_dir", "load_or_compile"]
+__all__ = ["enable_program_store", "default_store_dir", "cache_dir", "load_or_compile"]
 
 FORMAT = 1
 _loaded: dict = {}
+_store: list[str] = []  # the folder a program enabled (process-wide, like JAX's own cache setting)
+
+
+def default_store_dir() -> str:
+    """``$XDG_CACHE_HOME/lgcn_jax/programs`` (``~/.cache/lgcn_jax/programs``)."""
+    return os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "lgcn_jax", "programs")
+
+
+def enable_program_store(path: str | None = None) -> str | None:
+    """Store compiled programs in ``path`` (default ``default_store_dir()``) and load them from there, for this process.
+    Returns the folder, or None where it cannot be created (a read-only home: programs compile as usual)."""
+    path = path or default_store_dir()
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError:
+        return None
+    _store[:] = [path]
+    return path
 
 
 def cache_dir() -> str | None:
-    """The folder of stored executables: beside JAX's compilation cache, or None where that is off."""
-    root = jax.config.jax_compilation_cache_dir
-    return os.path.join(root, "lgcn_jax_executables") if root else None
+    """The folder of stored programs, where one is enabled, the system is Linux and JAX's persistent cache is off."""
+    jax_cache = jax.config.jax_compilation_cache_dir and jax.config.jax_enable_compilation_cache
+    return _store[0] if _store and platform.system() == "Linux" and not jax_cache else None
 
 
 @functools.lru_cache(maxsize=1)
@@ -67,6 +90,27 @@ def _key(name: str, args: tuple, static: tuple) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+class _Checked:
+    """A loaded executable whose first run is waited for; if it fails, the program is compiled and the file removed."""
+
+    def __init__(self, run, recompile, path: str):
+        self.run, self.recompile, self.path = run, recompile, path
+
+    def __call__(self, *args):
+        if self.recompile is None:
+            return self.run(*args)
+        try:
+            out = jax.block_until_ready(self.run(*args))
+        except jax.errors.JaxRuntimeError as e:
+            log.warning("the stored program %s does not run (%s); compiling it again", self.path, str(e).splitlines()[0][:200])
+            with contextlib.suppress(OSError):
+                os.remove(self.path)
+            self.run = self.recompile()
+            out = self.run(*args)
+        self.recompile = None
+        return out
+
+
 def load_or_compile(jitted, name: str, args: tuple, static: tuple, out_tree):
     """``jitted`` (a ``jax.jit`` function whose trailing positional arguments ``static`` are static) compiled for
     ``args``, as a callable of ``*args``: from memory, from the folder of stored executables, or compiled (and
@@ -80,7 +124,8 @@ def load_or_compile(jitted, name: str, args: tuple, static: tuple, out_tree):
     if path and os.path.exists(path):
         try:
             with open(path, "rb") as f:
-                run = serialize_executable.deserialize_and_load(f.read(), jax.tree.structure((args, {})), out_tree)
+                loaded = serialize_executable.deserialize_and_load(f.read(), jax.tree.structure((args, {})), out_tree)
+            run = _Checked(loaded, lambda: jitted.lower(*args, *static).compile(), path)
         except Exception as e:  # a damaged or foreign file: compile again and replace it
             log.debug("could not load %s (%s); compiling", path, e)
     if run is None:

@@ -326,14 +326,18 @@ def test_the_default_model_serves_the_machine():
 
 
 def test_predict_programs_are_stored_whole_and_loaded_without_tracing(tmp_path):
-    """With the compilation cache on, the first process stores predict's compiled executable
+    """With the program store on (lgcn-detect's default), the first process stores predict's compiled executable
     (lgcn_jax.executables); a second process loads it and never traces predict, with the same landmarks.
-    Other settings are another program; one that calls a library routine (LAPACK) is not stored."""
+    Other settings are another program; one that calls a library routine (LAPACK) is not stored; a damaged file
+    is compiled again; the store stays off where JAX's own persistent cache is on."""
     import subprocess
     import sys
 
     code = ("import json, sys, importlib, numpy as np, jax, jax.numpy as jnp, lgcn_jax\n"
             "from lgcn_jax import executables\n"
+            f"executables.enable_program_store({str(tmp_path / 'programs')!r})\n"
+            "if sys.argv[1] == 'jax_cache':\n"
+            f"    lgcn_jax.enable_compilation_cache({str(tmp_path / 'xla')!r})\n"
             "predict_mod = importlib.import_module('lgcn_jax.predict')\n"
             "traces, heatmaps = [], predict_mod.heatmaps\n"
             "predict_mod.heatmaps = lambda *a, **k: traces.append(1) or heatmaps(*a, **k)  # runs when predict is traced\n"
@@ -345,8 +349,8 @@ def test_predict_programs_are_stored_whole_and_loaded_without_tracing(tmp_path):
             "    lgcn_jax.predict(m.with_postprocess(peak_fit_radius=1), x)\n"
             "    chol = jax.jit(jnp.linalg.cholesky)\n"
             "    executables.load_or_compile(chol, 'chol', (jnp.eye(3),), (), jax.tree.structure(0))\n"
-            "print(json.dumps({'traced': traced, 'lm': lm.tolist(), 'files': sorted(__import__('os').listdir(executables.cache_dir()))}))\n")
-    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(tmp_path / "xla"))
+            f"print(json.dumps({{'traced': traced, 'lm': lm.tolist(), 'files': sorted(__import__('os').listdir({str(tmp_path / 'programs')!r}))}}))\n")
+    env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
 
     def run(mode):
         r = subprocess.run([sys.executable, "-c", code, mode], env=env, capture_output=True, text=True, timeout=300)
@@ -357,5 +361,12 @@ def test_predict_programs_are_stored_whole_and_loaded_without_tracing(tmp_path):
     assert first["traced"] == 1 and second["traced"] == 0  # the second process loaded the program whole
     assert len(first["files"]) == 1 and first["files"][0].startswith("predict-")
     np.testing.assert_array_equal(np.array(first["lm"]), np.array(second["lm"]))
+    stored = tmp_path / "programs" / first["files"][0]
+    stored.write_bytes(b"not an executable")  # damaged: compiled again, and stored again
+    damaged = run("damaged")
+    assert damaged["traced"] == 1 and stored.read_bytes() != b"not an executable"
+    np.testing.assert_array_equal(np.array(damaged["lm"]), np.array(first["lm"]))
+    stored.unlink()
+    assert run("jax_cache")["traced"] == 1 and not stored.exists()  # JAX's cache on: no store (see lgcn_jax.executables)
     other = run("other")
     assert len(other["files"]) == 2 and not any(f.startswith("chol-") for f in other["files"])

@@ -9,7 +9,7 @@ import sys
 from tqdm.auto import tqdm
 
 from lgcn_jax.annotate import annotate_image, annotate_video, result_name
-from lgcn_jax.compilation_cache import enable_compilation_cache
+from lgcn_jax.executables import enable_program_store
 from lgcn_jax.detect import first_pass_model
 from lgcn_jax.detectors import get_detector
 from lgcn_jax.errors import CheckpointError, ImageError, ShapeModelError, VideoError
@@ -40,7 +40,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace results already in --out")
     p.add_argument("--no_progress", action="store_true")
     p.add_argument("--no_cache", action="store_true",
-                   help="do not keep compiled programs between runs (default: in ~/.cache/lgcn_jax/xla, or $JAX_COMPILATION_CACHE_DIR)")
+                   help="do not keep compiled programs between runs (default: in ~/.cache/lgcn_jax/programs; not where JAX's own "
+                        "persistent cache is on, $JAX_COMPILATION_CACHE_DIR)")
     return p
 
 
@@ -68,7 +69,7 @@ def main(argv=None) -> int:
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         p.error(f"--out {args.out} is a file; results go to a folder")
     if not args.no_cache:
-        enable_compilation_cache()
+        enable_program_store()  # predict stored whole between runs: no tracing (lgcn_jax.executables)
     try:
         model = resolve_model(args.checkpoint or None, "--checkpoint")
         if args.flip_test:
