@@ -9,8 +9,12 @@
     params = lgcn_jax.init(jax.random.key(0), lgcn_jax.get_config("paper"))
     heatmaps = lgcn_jax.apply(params, images)      # f32[B, H, W, 1] -> f32[B, H, W, 68]
 
-The training API (``train_and_evaluate``, ``train_step``, ``create_train_state``, ``eval_step``) is loaded
-on first use, so that inference does not import the optimiser and checkpointing libraries.
+    lgcn_jax.extract(["faces/"], "out")            # a dataset: a resumable job on Ray Data, a Parquet table
+    table = lgcn_jax.read_landmarks("out")         # one row per face (pandas)
+
+The training API (``train_and_evaluate``, ``train_step``, ``create_train_state``, ``eval_step``) and the dataset job
+(``extract``, ``read_landmarks``: Ray and pyarrow, the [extract] extra) are loaded on first use, so that inference
+imports neither the optimiser and checkpointing libraries nor Ray.
 """
 
 from __future__ import annotations
@@ -35,27 +39,27 @@ from lgcn_jax.track import Tracker, track
 __version__ = "0.2.0"
 
 # Loaded on first use (PEP 562): name -> module.
-_TRAINING = {"train_and_evaluate": "lgcn_jax.train", "train_step": "lgcn_jax.step", "create_train_state": "lgcn_jax.train_state",
-             "eval_step": "lgcn_jax.evaluation"}
+_LAZY = {"train_and_evaluate": "lgcn_jax.train", "train_step": "lgcn_jax.step", "create_train_state": "lgcn_jax.train_state",
+         "eval_step": "lgcn_jax.evaluation", "extract": "lgcn_jax.extraction", "read_landmarks": "lgcn_jax.extraction"}
 
 
 def __getattr__(name: str):
-    if name in _TRAINING:
-        value = getattr(importlib.import_module(_TRAINING[name]), name)
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
         globals()[name] = value
         return value
     raise AttributeError(f"module 'lgcn_jax' has no attribute {name!r}")
 
 
 def __dir__():
-    return sorted(set(globals()) | set(_TRAINING))
+    return sorted(set(globals()) | set(_LAZY))
 
 
 __all__ = [
     "CheckpointError", "Config", "DataConfig", "DatasetError", "ExecutionConfig", "Face", "ImageError", "Kernel", "LGCNParams", "Model",
     "ModelConfig", "PostprocessConfig", "ShapeModel", "ShapeModelError", "TrainConfig", "Tracker", "VideoError",
     "apply", "apply_overrides", "apply_train", "argmax_subpixel", "build_shape_model", "create_train_state", "default_model", "detect",
-    "detect_batch", "enable_compilation_cache", "eval_step", "export_model", "get_config", "heatmap_loss", "init", "kernel_conv",
+    "detect_batch", "enable_compilation_cache", "eval_step", "export_model", "extract", "get_config", "heatmap_loss", "init", "kernel_conv",
     "kernel_conv_direct", "load_model", "load_params", "load_pretrained", "load_shape_model", "postprocess", "postprocess_with_confidence",
-    "predict", "predict_with_confidence", "render_targets", "save_shape_model", "track", "train_and_evaluate", "train_step",
+    "predict", "predict_with_confidence", "read_landmarks", "render_targets", "save_shape_model", "track", "train_and_evaluate", "train_step",
 ]

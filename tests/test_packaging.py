@@ -58,7 +58,7 @@ def test_the_wheel_holds_the_weights_the_detector_and_the_command_modules(wheel)
             assert f"lgcn_jax/weights/{f}" in names
     assert {"lgcn_jax/cli/train.py", "lgcn_jax/checkpoints/README.md", "data_prep/build_300w.py"} <= names
     for command, target in (("lgcn-train", "lgcn_jax.cli.train:main"), ("lgcn-eval", "lgcn_jax.cli.eval:main"),
-                            ("lgcn-detect", "lgcn_jax.cli.detect:main")):
+                            ("lgcn-detect", "lgcn_jax.cli.detect:main"), ("lgcn-extract", "lgcn_jax.cli.extract:main")):
         assert f"{command} = {target}" in entry_points
     assert not any(n.startswith(("tests/", "bench/", "docs/")) for n in names)
     # Inference and TF-free training need no TensorFlow; building datasets and the tf.data stream take the extra.
@@ -66,6 +66,9 @@ def test_the_wheel_holds_the_weights_the_detector_and_the_command_modules(wheel)
     plain = [r for r in requires if "extra ==" not in r]
     assert plain and not [r for r in plain if r.lower().startswith(("tensorflow", "tf-", "tensorflow-datasets"))], plain
     assert any(r.startswith("tensorflow-cpu") and 'extra == "data"' in r for r in requires), requires
+    # lgcn-extract's Ray and pyarrow: the [extract] extra, never a plain install's.
+    assert not [r for r in plain if r.lower().startswith(("ray", "pyarrow"))], plain
+    assert any(r.startswith("ray[data]") and 'extra == "extract"' in r for r in requires), requires
 
 
 def test_an_installed_wheel_loads_the_default_weights_from_inside_the_package(wheel, tmp_path):
