@@ -21,6 +21,7 @@ shard, so the union is a straight run's table.  Inputs that cannot be read, or t
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import io
 import json
@@ -41,10 +42,10 @@ from lgcn_jax.detect import detected_landmarks, first_pass_model
 from lgcn_jax.detectors import DETECTORS, get_detector
 from lgcn_jax.errors import CheckpointError
 from lgcn_jax.files import atomic_path, unique_names
-from lgcn_jax.image_io import is_image, load_gray, open_image, to_gray
+from lgcn_jax.image_io import IMAGE_EXTENSIONS, is_image, load_gray, open_image, to_gray
 from lgcn_jax.landmarks68 import NUM_POINTS
 from lgcn_jax.release import checkpoint_path, default_weights, is_folder, resolve_model
-from lgcn_jax.video import is_video, read_frames
+from lgcn_jax.video import VIDEO_EXTENSIONS, is_video, read_frames
 
 __all__ = ["extract", "read_landmarks", "list_inputs", "schema", "JOB_FILE", "TABLE_DIR", "ALIGNED_DIR"]
 
@@ -76,13 +77,18 @@ def list_inputs(inputs: str | Sequence[str]) -> list[str]:
     for spec in [inputs] if isinstance(inputs, (str, os.PathLike)) else inputs:
         spec = os.path.expanduser(os.fspath(spec))
         if os.path.isdir(spec):
-            found.update(os.path.join(d, f) for d, _, fs in os.walk(spec, followlinks=True) for f in fs
-                         if (is_image(f) or is_video(f)) and not f.startswith("."))
+            media = [os.path.join(d, f) for d, _, fs in os.walk(spec, followlinks=True) for f in fs
+                     if (is_image(f) or is_video(f)) and not f.startswith(".")]
+            if not media:
+                raise ValueError(f"{spec}: no image or video in this folder or below (endings: {', '.join(IMAGE_EXTENSIONS + VIDEO_EXTENSIONS)})")
+            found.update(media)
         elif os.path.isfile(spec) and spec.lower().endswith(_LIST_ENDINGS):
             folder = os.path.dirname(os.path.abspath(spec))
             with open(spec) as f:
-                lines = [line.strip() for line in f]
-            found.update(os.path.join(folder, os.path.expanduser(line)) for line in lines if line and not line.startswith("#"))
+                listed = [line.strip() for line in f if line.strip() and not line.strip().startswith("#")]
+            if not listed:
+                raise ValueError(f"{spec}: the list names no file")
+            found.update(os.path.join(folder, os.path.expanduser(line)) for line in listed)
         elif os.path.exists(spec):
             found.add(spec)
         elif glob.has_magic(spec):
@@ -465,7 +471,8 @@ def extract(inputs: str | Sequence[str], out: str, *, params: str | None = None,
             workers = int(resources.get("GPU", 0) // gpus) if gpus else int(resources.get("CPU", 1) // cpus_per_worker)
         writer = _Writer(out, paths, shards, shard_size)
         if todo:
-            _run(ray, writer, paths, todo, settings, max(workers, 1), cpus_per_worker, gpus, batch_size, compilation_cache, progress)
+            with _quiet_ray_data(ray):
+                _run(ray, writer, paths, todo, settings, max(workers, 1), cpus_per_worker, gpus, batch_size, compilation_cache, progress)
     finally:
         if started:
             ray.shutdown()
@@ -475,12 +482,22 @@ def extract(inputs: str | Sequence[str], out: str, *, params: str | None = None,
     return dict(counts, skipped=len(paths) - len(todo), seconds=seconds, images_per_s=images / seconds, out=out)
 
 
+@contextlib.contextmanager
+def _quiet_ray_data(ray):
+    """Ray Data's progress bars and notices off (ours counts images and faces), as they were afterwards."""
+    context, logger = ray.data.DataContext.get_current(), logging.getLogger("ray.data")
+    before = context.enable_progress_bars, context.print_on_execution_start, logger.level
+    context.enable_progress_bars = context.print_on_execution_start = False
+    logger.setLevel(logging.ERROR)  # e.g. that its progress bars are off
+    try:
+        yield
+    finally:
+        context.enable_progress_bars, context.print_on_execution_start = before[:2]
+        logger.setLevel(before[2])
+
+
 def _run(ray, writer: _Writer, paths: list[str], todo: list[int], settings: dict, workers: int, cpus: float, gpus: float,
          batch_size: int, compilation_cache: bool, progress: bool) -> None:
-    context = ray.data.DataContext.get_current()
-    context.enable_progress_bars = False  # ours counts images and faces
-    context.print_on_execution_start = False
-    logging.getLogger("ray.data").setLevel(logging.ERROR)  # e.g. that its own progress bars are off
     stems = _crop_stems(paths)
     units = [{"_unit": i, "_stem": stems[i], "path": paths[i]} for i in todo]
     landmarker_args = dict(weights=settings["weights"], first_pass=settings["first_pass"], flip_test=settings["flip_test"],
@@ -489,6 +506,8 @@ def _run(ray, writer: _Writer, paths: list[str], todo: list[int], settings: dict
     env = {}
     if not gpus and cpus <= 1:  # an actor per core: single-threaded convolutions, so that actors side by side do not contend
         env = {"XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_cpu_multi_thread_eigen=false".strip()}
+    elif 0 < gpus < 1:  # actors sharing a GPU: each takes its share of the memory JAX reserves (75% of it by default)
+        env = {"XLA_PYTHON_CLIENT_MEM_FRACTION": f"{0.75 * gpus:.3f}"}
     find = dict(detector=settings["detector"], every=settings["every"], align=settings["align"] is not None, chunk=batch_size)
     blocks = -(-len(units) // batch_size)
     workers = min(workers, blocks)  # more actors than batches would only start and wait
@@ -499,12 +518,10 @@ def _run(ray, writer: _Writer, paths: list[str], todo: list[int], settings: dict
                         compute=ray.data.ActorPoolStrategy(size=workers), batch_size=batch_size, batch_format="pyarrow", num_cpus=cpus,
                         num_gpus=gpus, runtime_env={"env_vars": env} if env else None)
     bar = tqdm(total=len(todo), disable=not progress, unit="image", smoothing=0.1)
-    try:
+    with bar:
         for table in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             before = writer.counts["inputs"]
             writer.add(table)
             bar.update(writer.counts["inputs"] - before)
             bar.set_postfix(dict(faces=writer.counts["faces"], errors=writer.counts["errors"],
                                  **({"frames": writer.counts["frames"]} if writer.counts["frames"] else {})), refresh=False)
-    finally:
-        bar.close()

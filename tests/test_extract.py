@@ -185,6 +185,8 @@ def test_the_out_folder_is_the_jobs_own(ray_here, photos, tmp_path):
     with pytest.raises(ValueError, match="holds files and no job.json"):
         extract(folder, str(mine), params=weights)
     assert os.listdir(mine) == ["notes.txt"]
+    with pytest.raises(ValueError, match="no image or video in this folder or below"):
+        extract(str(mine), str(tmp_path / "none"), params=weights)
     small = tmp_path / "small"
     small.mkdir()
     for name in ("empty_00.jpg", "empty_01.png"):
