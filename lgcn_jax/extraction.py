@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import importlib
 import io
 import json
 import logging
@@ -58,7 +59,7 @@ _LIST_ENDINGS = (".txt", ".lst", ".list")
 def _optional(name: str):
     """An optional dependency of the job, or one ImportError line naming the extra."""
     try:
-        return __import__(name, fromlist=["_"])
+        return importlib.import_module(name)
     except ImportError as e:
         raise ImportError(f"lgcn_jax.extract needs {name.split('.')[0]}: {_INSTALL}") from e
 

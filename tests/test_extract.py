@@ -23,6 +23,9 @@ from tests.conftest import ROOT, write_bomb_png
 ray = pytest.importorskip("ray")
 pytest.importorskip("pyarrow")
 pytest.importorskip("pandas")
+# Ray starts its processes with fork + exec (subprocess) from this process, where JAX's threads run; the warning is
+# about a fork that goes on running Python, which these do not.
+pytestmark = pytest.mark.filterwarnings(r"ignore:os\.fork\(\) was called:RuntimeWarning")
 
 PHOTO = os.path.join(os.path.dirname(matplotlib.__file__), "mpl-data", "sample_data", "grace_hopper.jpg")
 FACES, EMPTY, SHARD = 40, 50, 8
