@@ -11,10 +11,13 @@
 
     lgcn_jax.export_onnx("300w_cpu", "lgcn.onnx")   # for ONNX Runtime (export_tflite: LiteRT), docs/export.md
     lgcn_jax.decode_numpy.decode(heatmaps, shape_model, postprocess)   # the full decoding in NumPy
+    lgcn_jax.extract(["faces/"], "out")            # a dataset: a resumable job on Ray Data, a Parquet table
+    table = lgcn_jax.read_landmarks("out")         # one row per face (pandas)
 
-The training API (``train_and_evaluate``, ``train_step``, ``create_train_state``, ``eval_step``), the exporters
-and ``decode_numpy`` are loaded on first use, so that inference does not import the optimiser and checkpointing
-libraries, nor the export tools (``pip install "lgcn_jax[export]"``).
+The training API (``train_and_evaluate``, ``train_step``, ``create_train_state``, ``eval_step``), the exporters,
+``decode_numpy`` and the dataset job (``extract``, ``read_landmarks``) are loaded on first use, so that inference
+does not import the optimiser and checkpointing libraries, nor the export tools or Ray (the [export] and [extract]
+extras).
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ __version__ = "0.2.0"
 # Loaded on first use (PEP 562): name -> module holding it (a module of that name is the module itself).
 _LAZY = {"train_and_evaluate": "lgcn_jax.train", "train_step": "lgcn_jax.step", "create_train_state": "lgcn_jax.train_state",
          "eval_step": "lgcn_jax.evaluation", "export_onnx": "lgcn_jax.export", "export_tflite": "lgcn_jax.export",
-         "decode_numpy": "lgcn_jax.decode_numpy"}
+         "decode_numpy": "lgcn_jax.decode_numpy", "extract": "lgcn_jax.extraction", "read_landmarks": "lgcn_jax.extraction"}
 
 
 def __getattr__(name: str):
@@ -63,7 +66,7 @@ __all__ = [
     "Model", "ModelConfig", "PostprocessConfig", "ShapeModel", "ShapeModelError", "TrainConfig", "Tracker", "VideoError", "apply",
     "apply_overrides", "apply_train", "argmax_subpixel", "build_shape_model", "create_train_state", "decode_numpy",
     "default_model", "detect", "detect_batch", "enable_compilation_cache", "enable_program_store", "eval_step", "export_model", "export_onnx",
-    "export_tflite", "get_config", "heatmap_loss", "init", "kernel_conv", "kernel_conv_direct", "load_model", "load_params",
-    "load_pretrained", "load_shape_model", "postprocess", "postprocess_with_confidence", "predict", "predict_with_confidence",
+    "export_tflite", "extract", "get_config", "heatmap_loss", "init", "kernel_conv", "kernel_conv_direct", "load_model", "load_params",
+    "load_pretrained", "load_shape_model", "postprocess", "postprocess_with_confidence", "predict", "predict_with_confidence", "read_landmarks",
     "render_targets", "save_shape_model", "track", "train_and_evaluate", "train_step",
 ]

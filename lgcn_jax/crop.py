@@ -14,9 +14,9 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from lgcn_jax.landmarks68 import LEFT_EYE, RIGHT_EYE
+from lgcn_jax.landmarks68 import LEFT_EYE, MOUTH_CORNERS, RIGHT_EYE
 
-__all__ = ["CROP_MARGIN", "crop_ratio", "similarity", "similarity_params", "apply_affine", "invert_affine", "reframe", "warp", "landmark_box", "square_box", "crop", "to_crop", "to_original", "from_landmarks"]
+__all__ = ["CROP_MARGIN", "crop_ratio", "similarity", "similarity_params", "apply_affine", "invert_affine", "reframe", "warp", "landmark_box", "square_box", "crop", "to_crop", "to_original", "from_landmarks", "ffhq_alignment", "ALIGNMENTS"]
 
 CROP_MARGIN = 0.2
 
@@ -110,7 +110,8 @@ def invert_affine(matrix: np.ndarray) -> np.ndarray:
 
 
 def warp(gray: np.ndarray, matrix: np.ndarray, size: int) -> np.ndarray:
-    """u8[size, size] crop whose pixel u shows image point matrix @ (u, 1); outside is black.
+    """u8[size, size] crop whose pixel u shows image point matrix @ (u, 1); outside is black.  An RGB image
+    u8[H, W, 3] gives u8[size, size, 3], each channel as the gray one would be.
 
     Large reductions are box-filtered by an integer factor first, as in ``crop``.  Only the
     part of the image under the crop is read, so a crop of a huge photo costs what its face does.
@@ -159,3 +160,28 @@ def from_landmarks(points: np.ndarray, ratio: float, size: int) -> np.ndarray:
     lo, hi = upright.min(0), upright.max(0)
     center = np.array([[c, -s], [s, c]]) @ ((lo + hi) / 2.0)  # back to image axes
     return similarity(center, max(float((hi - lo).max()), 1.0) * ratio, angle, size)
+
+
+def ffhq_alignment(points: np.ndarray, size: int) -> np.ndarray:
+    """f64[2, 3] map from the pixels of a size x size crop to image pixels: the FFHQ alignment (Karras et al., CVPR 2019;
+    ``align_face`` of NVlabs/ffhq-dataset) from 68 landmarks f[68, 2].
+
+    Its square: centred a tenth of the way from the eyes' midpoint to the mouth's, its top side along the eye line
+    turned towards the perpendicular of the eye-to-mouth line, half-side the larger of 2 x the eye distance and
+    1.8 x the eye-to-mouth distance.  As FFHQ's ``Image.QUAD`` transform, the crop's outer edges are the square's.
+    """
+    p = np.asarray(points, np.float64)
+    eye_left, eye_right = p[RIGHT_EYE].mean(0), p[LEFT_EYE].mean(0)  # FFHQ's names: the image's left and right
+    eye_avg = (eye_left + eye_right) / 2.0
+    eye_to_eye = eye_right - eye_left
+    eye_to_mouth = p[list(MOUTH_CORNERS)].mean(0) - eye_avg
+    x = eye_to_eye - np.flipud(eye_to_mouth) * np.array([-1.0, 1.0])
+    x = x / np.hypot(*x) * max(np.hypot(*eye_to_eye) * 2.0, np.hypot(*eye_to_mouth) * 1.8)
+    y = np.flipud(x) * np.array([-1.0, 1.0])
+    c = eye_avg + eye_to_mouth * 0.1
+    # Crop pixel u (centre u + 0.5 in edge units) shows c - x - y + (u + 0.5) / size * 2x (and so for v along y).
+    return np.column_stack([2.0 * x / size, 2.0 * y / size, c - x - y + (x + y) / size])
+
+
+# Aligned crops by name (lgcn-extract --align).
+ALIGNMENTS = {"ffhq": ffhq_alignment}

@@ -29,7 +29,7 @@ from lgcn_jax.predict import Model, predict_with_confidence
 from lgcn_jax.release import resolve_model
 from lgcn_jax.sharding import pad_rows
 
-__all__ = ["Face", "Detection", "detect", "detect_batch", "first_pass_model", "landmarks"]
+__all__ = ["Face", "Detection", "detect", "detect_batch", "first_pass_model", "detection_map", "detected_landmarks", "landmarks"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,21 +93,30 @@ def detect_batch(images: Sequence, params=None, *, detector: str | FaceDetector 
     model = resolve_model(params)
     refine = defaults().refine if refine is None else refine
     first_pass = first_pass_model(first_pass, model)
-    size = model.data.image_size
-    ratio = crop_lib.crop_ratio(model.data.dataset)
     detector = get_detector(detector)
     grays = [load_gray(im, exif="apply") for im in images]
-    owners, maps, scores = [], [], []
-    for i, g in enumerate(grays):
-        for d in detector(g):
-            owners.append(i)
-            maps.append(crop_lib.similarity(d.center, d.size * ratio, d.angle, size))
-            scores.append(d.score)
+    return detected_landmarks(model, grays, [detector(g) for g in grays], refine, batch_size, first_pass)
+
+
+def detection_map(model: Model, detection: Detection) -> np.ndarray:
+    """The first crop map f64[2, 3] of a face the detector found, framed for ``model``."""
+    ratio = crop_lib.crop_ratio(model.data.dataset)
+    return crop_lib.similarity(detection.center, detection.size * ratio, detection.angle, model.data.image_size)
+
+
+def detected_landmarks(model: Model, grays: Sequence[np.ndarray], detections: Sequence[Sequence[Detection]], refine: int = 1,
+                       batch_size: int = 32, first_pass: Model | None = None) -> list[list[Face]]:
+    """``landmarks`` of the faces ``detections[i]`` found in image ``grays[i]`` u8[H, W], all images' faces in shared
+    batches; one list per image, its faces left to right."""
+    owners = [i for i, found in enumerate(detections) for _ in found]
+    found = [d for image_found in detections for d in image_found]
+    faces = landmarks(model, grays, owners, [detection_map(model, d) for d in found], [d.score for d in found], refine, batch_size,
+                      first_pass)
     results: list[list[Face]] = [[] for _ in grays]
-    for o, face in zip(owners, landmarks(model, grays, owners, maps, scores, refine, batch_size, first_pass)):
+    for o, face in zip(owners, faces):
         results[o].append(face)
-    for faces in results:
-        faces.sort(key=lambda f: (float(f.box[0]), float(f.box[1])))
+    for image_faces in results:
+        image_faces.sort(key=lambda f: (float(f.box[0]), float(f.box[1])))
     return results
 
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+from typing import Iterable
 
-__all__ = ["atomic_path"]
+__all__ = ["atomic_path", "unique_names"]
 
 
 @contextlib.contextmanager
@@ -25,3 +26,16 @@ def atomic_path(path: str, suffix: str = ""):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def unique_names(names: Iterable[str]) -> list[str]:
+    """The names with ``_2``, ``_3``, ... added to repeats, so that none is given twice: a, a, a_2 -> a, a_2, a_2_2."""
+    out, taken = [], set()
+    for stem in names:
+        name, k = stem, 1
+        while name in taken:
+            k += 1
+            name = f"{stem}_{k}"
+        taken.add(name)
+        out.append(name)
+    return out

@@ -10,15 +10,22 @@ resize overshoot) if their maximum is at most 2, else as 0..255.  Any byte order
 from __future__ import annotations
 
 import os
+import re
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from lgcn_jax.errors import ImageError
 
-__all__ = ["ImageError", "to_gray", "open_image", "exif_orientation", "load_gray"]
+__all__ = ["ImageError", "IMAGE_EXTENSIONS", "is_image", "to_gray", "open_image", "exif_orientation", "load_gray"]
 
 EXIF_ORIENTATION = 0x0112
+# The endings taken as images when a folder is searched (lgcn-extract): formats Pillow reads.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm", ".jp2")
+
+
+def is_image(path: str) -> bool:
+    return os.path.splitext(str(path))[1].lower() in IMAGE_EXTENSIONS
 
 
 def exif_orientation(image: Image.Image) -> int:
@@ -94,9 +101,22 @@ def open_image(path: str) -> Image.Image:
     try:
         im = Image.open(path)
         im.load()
+    except Image.DecompressionBombError as e:  # not an OSError: it would escape and stop a whole batch
+        raise ImageError(f"{path}: {_bomb_message(e)}") from e
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise ImageError(f"{path}: cannot read the image ({type(e).__name__}: {e}); the file is corrupt or not an image") from e
     return im
+
+
+def _bomb_message(e: Exception) -> str:
+    # Pillow refuses before decoding and says only the pixel count: "Image size (N pixels) exceeds limit of M pixels ...".
+    m = re.search(r"\((\d+) pixels\) exceeds limit of (\d+) pixels", str(e))
+    if not m:
+        return f"Pillow refuses to decode it ({e})"
+    claimed, limit = int(m.group(1)), int(m.group(2))
+    return (f"its header claims {claimed:,} pixels ({claimed / 1e6:,.0f} megapixels), over the limit of {limit:,} that Pillow "
+            "decodes (twice PIL.Image.MAX_IMAGE_PIXELS): a corrupt file or a decompression bomb; raise PIL.Image.MAX_IMAGE_PIXELS "
+            "to read a real image so large")
 
 
 def load_gray(path_or_image, exif: str = "apply") -> np.ndarray:

@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["NUM_POINTS", "RIGHT_EYE", "LEFT_EYE", "OUTER_EYE_CORNERS", "FLIP_PERMUTATION", "mirror_heatmaps"]
+__all__ = ["NUM_POINTS", "RIGHT_EYE", "LEFT_EYE", "OUTER_EYE_CORNERS", "MOUTH_CORNERS", "FLIP_PERMUTATION", "mirror_heatmaps"]
 
 NUM_POINTS = 68
 RIGHT_EYE, LEFT_EYE = slice(36, 42), slice(42, 48)
 OUTER_EYE_CORNERS = (36, 45)  # 300-W's inter-ocular normaliser
+MOUTH_CORNERS = (48, 54)  # the outer lip's
 
 # The point each point becomes in the mirrored face.
 FLIP_PERMUTATION = np.array(

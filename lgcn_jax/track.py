@@ -29,7 +29,7 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from lgcn_jax import crop as crop_lib
-from lgcn_jax.detect import Face, first_pass_model, landmarks
+from lgcn_jax.detect import Face, detection_map, first_pass_model, landmarks
 from lgcn_jax.detectors import FaceDetector, get_detector
 from lgcn_jax.image_io import load_gray
 from lgcn_jax.landmarks68 import LEFT_EYE, RIGHT_EYE
@@ -128,12 +128,10 @@ class Tracker:
         where a detection gets more than one pass (with one pass, the crop followed from the landmarks frames
         the face better than the detector's box: the find is left out), and one where a track was just dropped
         in this frame revives that track's id."""
-        ratio = crop_lib.crop_ratio(self.model.data.dataset)
-        size = self.model.data.image_size
         found = self.detector(gray)
         if self.refine == 0:
             found = [d for d in found if not any(_covers(f, d.center) for f in tracked)]
-        maps = [crop_lib.similarity(d.center, d.size * ratio, d.angle, size) for d in found]
+        maps = [detection_map(self.model, d) for d in found]
         faces = landmarks(self.model, [gray], [0] * len(maps), maps, [d.score for d in found], self.refine, self.batch_size, self.first_pass)
         out = list(tracked)
         for face in sorted(faces, key=lambda f: -float(np.mean(f.confidence))):

@@ -14,6 +14,8 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 import dataclasses
+import struct
+import zlib
 
 import pytest
 
@@ -38,6 +40,17 @@ def real_300w(request) -> str:
     if not os.path.isdir(path):
         pytest.skip(f"no 300-W faces at {path} (--real-300w DIR or LGCN_300W_DIR)")
     return path
+
+
+def write_bomb_png(path, width: int, height: int) -> None:
+    """A PNG whose header claims width x height 8-bit gray pixels, with (almost) no pixel data: what Pillow refuses
+    as a decompression bomb when it is more than twice PIL.Image.MAX_IMAGE_PIXELS."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    with open(path, "wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b""))
 
 
 def all_eqns(jaxpr):

@@ -16,6 +16,7 @@ from lgcn_jax.detect import Detection, detect, detect_batch
 from lgcn_jax.detectors import HaarDetector
 from lgcn_jax.errors import CheckpointError
 from lgcn_jax.release import DEFAULT_WEIGHTS, default_weights
+from tests.conftest import write_bomb_png
 
 PHOTO = os.path.join(os.path.dirname(matplotlib.__file__), "mpl-data", "sample_data", "grace_hopper.jpg")
 SPECS = [(11, 90, (80, 90), 0), (12, 130, (220, 160), 20), (13, 70, (360, 80), -15)]  # seed, side, centre, degrees
@@ -170,6 +171,18 @@ def test_cli_writes_json_and_png_and_keeps_existing(tmp_path, capsys):
     assert main([str(photo), "--out", str(out), "--no_progress"]) == 1
     assert "already holds results for hopper" in capsys.readouterr().err
     assert (out / "hopper.json").read_text() == before
+
+
+def test_cli_goes_on_after_an_image_whose_header_claims_too_many_pixels(tmp_path, capsys):
+    """A PNG claiming 60000 x 60000 pixels (Pillow's DecompressionBombError, not an OSError): one line naming the file,
+    its claimed size and the limit; the next file is processed."""
+    write_bomb_png(tmp_path / "bomb.png", 60000, 60000)
+    shutil.copy(PHOTO, tmp_path / "ok.jpg")
+    assert main([str(tmp_path / "bomb.png"), str(tmp_path / "ok.jpg"), "--out", str(tmp_path / "out"), "--no_progress"]) == 1
+    captured = capsys.readouterr()
+    (line,) = captured.err.strip().splitlines()
+    assert line.startswith(f"lgcn-detect: skipped {tmp_path / 'bomb.png'}: ") and "3,600,000,000 pixels" in line and "178,956,970" in line
+    assert "ok.jpg: 1 face(s)" in captured.out and (tmp_path / "out" / "ok.json").exists() and not (tmp_path / "out" / "bomb.json").exists()
 
 
 def test_cli_checkpoint_by_released_name(tmp_path, capsys):

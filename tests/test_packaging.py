@@ -58,7 +58,8 @@ def test_the_wheel_holds_the_weights_the_detector_and_the_command_modules(wheel)
             assert f"lgcn_jax/weights/{f}" in names
     assert {"lgcn_jax/cli/train.py", "lgcn_jax/checkpoints/README.md", "data_prep/build_300w.py"} <= names
     for command, target in (("lgcn-train", "lgcn_jax.cli.train:main"), ("lgcn-eval", "lgcn_jax.cli.eval:main"),
-                            ("lgcn-detect", "lgcn_jax.cli.detect:main"), ("lgcn-export", "lgcn_jax.cli.export:main")):
+                            ("lgcn-detect", "lgcn_jax.cli.detect:main"), ("lgcn-export", "lgcn_jax.cli.export:main"),
+                            ("lgcn-extract", "lgcn_jax.cli.extract:main")):
         assert f"{command} = {target}" in entry_points
     assert not any(n.startswith(("tests/", "bench/", "docs/")) for n in names)
     # Inference and TF-free training need no TensorFlow; building datasets and the tf.data stream take the extra.
@@ -69,6 +70,9 @@ def test_the_wheel_holds_the_weights_the_detector_and_the_command_modules(wheel)
     # The exporters and the runtimes they target are an extra too (lgcn-export names it when missing).
     assert not [r for r in plain if r.lower().startswith(("jax2onnx", "onnx", "ai-edge-litert"))], plain
     assert any(r.startswith("jax2onnx") and 'extra == "export"' in r for r in requires), requires
+    # lgcn-extract's Ray and pyarrow: the [extract] extra, never a plain install's.
+    assert not [r for r in plain if r.lower().startswith(("ray", "pyarrow"))], plain
+    assert any(r.startswith("ray[data]") and 'extra == "extract"' in r for r in requires), requires
 
 
 def test_an_installed_wheel_loads_the_default_weights_from_inside_the_package(wheel, tmp_path):

@@ -13,6 +13,7 @@ from lgcn_jax.executables import enable_program_store
 from lgcn_jax.detect import first_pass_model
 from lgcn_jax.detectors import get_detector
 from lgcn_jax.errors import CheckpointError, ImageError, ShapeModelError, VideoError
+from lgcn_jax.files import unique_names
 from lgcn_jax.machine import DEFAULTS
 from lgcn_jax.release import resolve_model
 from lgcn_jax.video import is_video
@@ -47,16 +48,7 @@ def parser() -> argparse.ArgumentParser:
 
 def output_names(paths) -> list[str]:
     """One result name per input: a.jpg, a.png and a_2.jpg -> a, a_2, a_2_2 (no name is given twice)."""
-    names, taken = [], set()
-    for path in paths:
-        name = stem = os.path.splitext(os.path.basename(path))[0]
-        k = 1
-        while name in taken:
-            k += 1
-            name = f"{stem}_{k}"
-        taken.add(name)
-        names.append(name)
-    return names
+    return unique_names(os.path.splitext(os.path.basename(path))[0] for path in paths)
 
 
 def main(argv=None) -> int:
