@@ -167,6 +167,15 @@ def section_export(r: dict) -> list[str]:
                         "LiteRT + decode_numpy", "heatmaps vs XLA", "landmarks vs predict, px"], rows)
 
 
+def section_extract(r: dict) -> list[str]:
+    out = ["## A whole dataset: lgcn-extract", "",
+           f"`python bench/bench_extract.py` on {where(r['machine'])}, {r['images']}: the job against a plain `detect_batch` loop over the "
+           "same images in the same run, each a whole process (start-up included), the faster of alternating runs.", ""]
+    rows = [[f"`{x['weights']}`", str(x["images"]), f"{x['faces']['job']} / {x['faces']['loop']}", num(x["loop_images_per_s"], 2),
+             num(x["job_images_per_s"], 2), f"{x['job_over_loop']:.2f}x", num(max(x["load_average_1min"]), 1)] for x in r["results"]]
+    return out + table(["weights", "images", "faces, job / loop", "loop, images/s", "job, images/s", "job / loop", "load average (1 min, max)"], rows)
+
+
 def section_video(r: dict) -> list[str]:
     return ["## Video", "", f"`python bench/bench_video.py` ({r['frames']} frames at {r['size']}, weights `{r['weights']}`) on {where(r['machine'])}.", ""] + \
         table(["frames per second", ""], [["`track`", num(r["track_fps"])], ["`detect` on every frame", num(r["detect_every_frame_fps"])],
@@ -215,7 +224,8 @@ def benchmarks_md() -> str:
     sections = [("results_weights.json", section_weights), ("results_realtime.json", section_realtime),
                 ("results_end_to_end.json", section_end_to_end), ("results_framings.json", section_framings),
                 ("results_face_detectors.json", section_detectors),
-                ("results_video.json", section_video), ("results_export.json", section_export), ("results_postprocess.json", section_postprocess), ("results.json", section_core),
+                ("results_video.json", section_video), ("results_export.json", section_export),
+                ("results_extract.json", section_extract), ("results_postprocess.json", section_postprocess), ("results.json", section_core),
                 ("results_profile.json", section_gpu_profile)]
     for name, make in sections:
         r = load(name)
