@@ -176,6 +176,17 @@ def section_extract(r: dict) -> list[str]:
     return out + table(["weights", "images", "faces, job / loop", "loop, images/s", "job, images/s", "job / loop", "load average (1 min, max)"], rows)
 
 
+def section_search_size(r: dict) -> list[str]:
+    out = ["## How small a face YuNet finds", "",
+           f"`python bench/yunet_search_size.py` on {where(r['machine'])}: the {r['scenes']} composed scenes of bench/compare_face_detectors.py "
+           "searched on copies of several sizes; each face counted by the size of its landmark box in the searched copy.", ""]
+    out += table(["face in the searched copy, px", "found", "recall"],
+                 [[k, f"{v['found']} / {v['faces']}", f"{v['recall']:.2f}"] for k, v in r["recall_by_face_px_in_search"].items()])
+    out += [""] + table(["search copy, longer side at most", "recall", "ms per scene"],
+                        [[k, f"{v['recall']:.3f}", num(v["ms_per_scene"])] for k, v in r["by_search_side"].items()])
+    return out
+
+
 def section_video(r: dict) -> list[str]:
     return ["## Video", "", f"`python bench/bench_video.py` ({r['frames']} frames at {r['size']}, weights `{r['weights']}`) on {where(r['machine'])}.", ""] + \
         table(["frames per second", ""], [["`track`", num(r["track_fps"])], ["`detect` on every frame", num(r["detect_every_frame_fps"])],
@@ -223,7 +234,7 @@ def benchmarks_md() -> str:
              "generator). Every section names the command and the machine; ratios are measured within one run.", ""]
     sections = [("results_weights.json", section_weights), ("results_realtime.json", section_realtime),
                 ("results_end_to_end.json", section_end_to_end), ("results_framings.json", section_framings),
-                ("results_face_detectors.json", section_detectors),
+                ("results_face_detectors.json", section_detectors), ("results_yunet_search_size.json", section_search_size),
                 ("results_video.json", section_video), ("results_export.json", section_export),
                 ("results_extract.json", section_extract), ("results_postprocess.json", section_postprocess), ("results.json", section_core),
                 ("results_profile.json", section_gpu_profile)]

@@ -77,7 +77,7 @@ def _merge(dets: list[Detection], overlap: float = 0.5) -> list[Detection]:
 
 # The landmark-box side (pixels of the searched image) from which YuNet finds nearly every face: on composed
 # scenes of 300-W faces it found 99% of those of 60 px and more, 90% at 40-60 px, 56% at 25-30 px
-# (bench/compare_face_detectors.py's scenes; docs/detection.md).
+# (bench/yunet_search_size.py).
 YUNET_RELIABLE_FACE = 60.0
 
 
