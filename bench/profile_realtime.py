@@ -33,6 +33,7 @@ import time
 
 from bench_video import clip
 from common import machine, write_results
+from peers import Dlib
 
 import jax
 import matplotlib
@@ -110,22 +111,6 @@ def stages(path: str, model, detector, repeats: int) -> dict[str, float]:
     return out
 
 
-class Dlib:
-    """dlib's HOG detector + 68-point predictor (``pip install "lgcn_jax[peers]"``), on a decoded gray image."""
-
-    def __init__(self, upsample: int):
-        import dlib
-        import face_recognition_models
-
-        self.upsample = upsample
-        self.detector = dlib.get_frontal_face_detector()
-        self.predictor = dlib.shape_predictor(face_recognition_models.pose_predictor_model_location())
-
-    def __call__(self, path: str) -> list[np.ndarray]:
-        gray = np.asarray(Image.open(path).convert("L"))
-        return [np.array([[p.x, p.y] for p in self.predictor(gray, r).parts()]) for r in self.detector(gray, self.upsample)]
-
-
 def median(rows: list[dict], key: str) -> float | None:
     values = [r[key] for r in rows if key in r]
     return float(statistics.median(values)) if values else None
@@ -173,7 +158,7 @@ def main(argv=None) -> dict:
     variants = {"default": {}}
     for v in args.variant:
         variants[v] = {k: (int(x) if x.isdigit() else x) for k, x in (kv.split("=", 1) for kv in v.split(","))}
-    peers = {f"dlib up{u}": Dlib(u) for u in (0, 1)} if args.peers else {}
+    peers = {f"dlib up{u}": Dlib(u) for u in (0, 1)} if args.peers else {}  # decoding included, as for detect(path)
     folder = tempfile.mkdtemp(prefix="lgcn_realtime_")
     result = {"machine": machine(), "defaults": vars(machine_defaults) if hasattr(machine_defaults, "__dict__") else str(machine_defaults),
               "model": model.name, "sets": {}}
@@ -188,9 +173,9 @@ def main(argv=None) -> dict:
                     row[f"detect {label}"] = best_ms(lambda: lgcn_jax.detect(path, **kw), args.repeats)
                     row[f"faces {label}"] = len(lgcn_jax.detect(path, **kw))
                 for label, peer in peers.items():
-                    peer(path)
-                    row[label] = best_ms(lambda: peer(path), args.repeats)
-                    row[f"faces {label}"] = len(peer(path))
+                    run = lambda: peer.landmarks(np.asarray(Image.open(path).convert("L")))  # noqa: E731
+                    row[label] = best_ms(run, args.repeats)
+                    row[f"faces {label}"] = len(run())
                 rows.append(row)
             keys = [k for k in rows[0] if not k.startswith("faces")]
             summary = {k: median(rows, k) for k in keys}
