@@ -62,12 +62,24 @@ def weights_rows(r: dict) -> list[list[str]]:
 WEIGHTS_HEADER = ["weights", "network", "NME, 300-W common", "GFLOP per face", "ms per face (CPU)", "licence"]
 
 
-def readme_table(r: dict) -> str:
+def readme_table(r: dict, realtime: dict | None) -> str:
     lines = table(WEIGHTS_HEADER, weights_rows(r))
     lines.append("")
     lines.append(f"NME: inter-ocular, the 554 common-subset faces from ground-truth crops with each model's own decoding; ms: "
                  f"`predict` on one face (network and decoding) on {where(r['machine'])} "
                  f"(`python bench/bench_weights.py`; [docs/benchmarks.md](docs/benchmarks.md)).")
+    if realtime:
+        vga, small = realtime["sets"]["640x480"], realtime["sets"]["small frames"]
+        text = (f"End to end on {where(realtime['machine'])} with this machine's defaults (`{realtime['defaults']['weights']}`, one pass), "
+                f"decoding the JPEG included: **{vga['detect default']:.0f} ms** for a 640x480 photo with one face")
+        if "dlib up0" in vga:
+            text += (f" (dlib's HOG detector at upsample 0 with its 68-point predictor: {vga['dlib up0']:.0f} ms in the same run), "
+                     f"{small['detect default']:.0f} ms for a small frame (dlib: {small['dlib up0']:.0f} ms)")
+        if "track_fps_640x480" in realtime:
+            text += f"; `track` at 640x480: **{realtime['track_fps_640x480']:.0f} frames/s**"
+        if "lgcn_detect_fresh_process_s" in realtime:
+            text += f"; `lgcn-detect photo.jpg` in a fresh process: **{realtime['lgcn_detect_fresh_process_s']:.1f} s**"
+        lines += ["", text + " (`python bench/profile_realtime.py --peers`)."]
     return "\n".join(lines)
 
 
@@ -250,7 +262,7 @@ def readme_with_table(text: str) -> str:
         return text
     head, rest = text.split(BEGIN, 1)
     _, tail = rest.split(END, 1)
-    return f"{head}{BEGIN}\n{readme_table(r)}\n{END}{tail}"
+    return f"{head}{BEGIN}\n{readme_table(r, load('results_realtime.json'))}\n{END}{tail}"
 
 
 def main(argv=None) -> int:

@@ -123,7 +123,7 @@ def test_every_input_has_a_row_the_bad_ones_say_why_and_the_landmarks_are_detect
         rows = by_path[path]
         if rows["status"].iloc[0] == "error":
             continue
-        faces = lgcn_jax.detect(path, model)
+        faces = lgcn_jax.detect(path, model, detector="yunet", refine=1)  # extract()'s defaults, not this machine's
         assert rows["faces"].iloc[0] == len(faces), path
         if not faces:
             assert len(rows) == 1 and rows["status"].iloc[0] == "no_face"

@@ -24,6 +24,12 @@ cfg = tiny_config(optimizer="momentum", learning_rate=0.01)
 cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, dropout_rate=0.0))
 images, lms = make_split("train", 8, image_size=32)
 batch = {"image": images[..., None].astype(np.float32) / 255.0, "landmarks": lms}
+
+def _facts(model):  # a digest of the restored arrays and the network's maps on one device, for comparison
+    import hashlib
+    from lgcn_jax.predict import heatmaps
+    digest = hashlib.sha256(b"".join(np.asarray(a).tobytes() for a in jax.tree_util.tree_leaves(model.params)))
+    return {"params": digest.hexdigest(), "heat": np.asarray(jax.jit(heatmaps)(model.params, batch["image"][:7])).tolist()}
 """
 
 
@@ -92,18 +98,23 @@ def test_checkpoint_of_two_devices_restores_on_one_and_predict_agrees(tmp_path, 
         lgcn_jax.train_and_evaluate(cfg, {wd!r}, progress=False)
         model = lgcn_jax.load_model({wd!r}, which="last")
         pred = lgcn_jax.predict(model, batch["image"][:7])  # 7 faces: padded to 8, split over 2 devices
-        print(json.dumps({{"pred": np.asarray(pred).tolist(), "devices": jax.device_count()}}))
+        print(json.dumps({{"pred": np.asarray(pred).tolist(), "devices": jax.device_count(), **_facts(model)}}))
     """, devices=2)
     one = _run(f"""
         model = lgcn_jax.load_model({wd!r}, which="last")
         pred = lgcn_jax.predict(model, batch["image"][:7])
-        print(json.dumps({{"pred": np.asarray(pred).tolist(), "devices": jax.device_count()}}))
+        print(json.dumps({{"pred": np.asarray(pred).tolist(), "devices": jax.device_count(), **_facts(model)}}))
     """, devices=1)
     import numpy as np
 
     assert two["devices"] == 2 and one["devices"] == 1
-    # Equal up to float rounding, which the window peak fits of this briefly trained net's flat peaks lift to ~2e-3 px.
-    assert np.abs(np.array(two["pred"]) - np.array(one["pred"])).max() < 1e-2
+    assert two["params"] == one["params"]  # the restored arrays, bit for bit
+    np.testing.assert_allclose(two["heat"], one["heat"], atol=1e-6)
+    # The landmarks: XLA fuses the shape-model fit of the program split over two devices otherwise, and the
+    # fit of this 4-step net's flat heatmaps lifts that round-off to 0.13 px on one point (most points agree
+    # to 1e-5; the 300w_cpu weights on 64 common faces: at most 0.011 px).  A wrong restore moves pixels.
+    diff = np.abs(np.array(two["pred"]) - np.array(one["pred"]))
+    assert np.median(diff) < 1e-4 and diff.max() < 0.5, (np.median(diff), diff.max())
 
 
 def test_initialize_distributed_reads_the_process_count_and_id_that_jax_does_not(monkeypatch):
