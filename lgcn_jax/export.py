@@ -26,6 +26,8 @@ import importlib.util
 import json
 import logging
 import os
+import subprocess
+import sys
 import tempfile
 
 import numpy as np
@@ -37,7 +39,7 @@ from lgcn_jax.landmarks68 import NUM_POINTS
 from lgcn_jax.postprocess import decode_peaks
 from lgcn_jax.network import apply
 from lgcn_jax.predict import Model
-from lgcn_jax.release import pretrained_path, resolve_model
+from lgcn_jax.release import export_model, load_model, pretrained_path, resolve_model
 
 __all__ = ["EXPORT_EXTRA", "FORMATS", "INPUT_NAME", "OUTPUT_NAMES", "METADATA_KEY", "inference_function", "metadata",
            "export_onnx", "export_tflite", "export", "read_metadata"]
@@ -177,17 +179,39 @@ def export_tflite(model, path: str, *, batch_size: int = 1, overwrite: bool = Fa
 
     jax2tf then TensorFlow's TFLite converter; the batch is fixed at ``batch_size`` (the converter cannot lower the
     arg-max with a symbolic batch).  Signature "serving_default": input ``images``, outputs by name.  Returns ``path``.
+    The conversion runs in a child Python process (TensorFlow is never imported into the caller's): TensorFlow's
+    compiler, loaded beside JAX's, left JIT code registered with the C++ unwinder, and a later JAX compilation in the
+    same process crashed (a segmentation fault in libgcc's unwinder, seen in the test suite).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     path = _target(path, "tflite", overwrite)
     _require("export_tflite", "tensorflow", "ai_edge_litert", "flatbuffers")
+    model = resolve_model(model, "model")
+    with tempfile.TemporaryDirectory(prefix="lgcn_export_") as work:
+        folder, flatbuffer = export_model(model, os.path.join(work, "model")), os.path.join(work, "model.tflite")
+        # The CPU for the child: the program is lowered for it anyway, and an accelerator stays the caller's.
+        env = {**os.environ, "JAX_PLATFORMS": "cpu", "CUDA_VISIBLE_DEVICES": "", "TF_CPP_MIN_LOG_LEVEL": "2"}
+        run = subprocess.run([sys.executable, "-c", "import sys; from lgcn_jax.export import _convert_tflite; _convert_tflite(*sys.argv[1:])",
+                              folder, str(batch_size), flatbuffer], env=env, capture_output=True, text=True)
+        if run.returncode != 0:
+            raise RuntimeError(f"the TFLite conversion of {model.name or 'the model'} failed (exit {run.returncode}); nothing was "
+                               f"written to {path}. Its output ends:\n{run.stderr[-3000:]}")
+        with open(flatbuffer, "rb") as f:
+            blob = _with_tflite_metadata(f.read(), metadata(model))
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(blob)
+    return path
+
+
+def _convert_tflite(folder: str, batch_size: str, out: str) -> None:
+    """The child process of ``export_tflite``: the model folder ``folder`` as a .tflite flatbuffer at ``out``."""
     import tensorflow as tf
     from jax.experimental import jax2tf
 
-    model = resolve_model(model, "model")
+    model = load_model(folder)
     size = model.data.image_size
-    tf.config.set_visible_devices([], "GPU")  # conversion only; the accelerator stays JAX's
+    tf.config.set_visible_devices([], "GPU")
     # Lowered for the CPU whatever JAX's backend: the converter reads the program, and LiteRT runs anywhere.
     converted = jax2tf.convert(inference_function(model), with_gradient=False, native_serialization_platforms=("cpu",))
 
@@ -195,17 +219,15 @@ def export_tflite(model, path: str, *, batch_size: int = 1, overwrite: bool = Fa
     def serve(images):
         return dict(zip(OUTPUT_NAMES, converted(images)))
 
-    signature = serve.get_concrete_function(tf.TensorSpec([batch_size, size, size, 1], tf.float32, name=INPUT_NAME))
+    signature = serve.get_concrete_function(tf.TensorSpec([int(batch_size), size, size, 1], tf.float32, name=INPUT_NAME))
     module = tf.Module()
     module.serve = serve
     # Through a SavedModel, whose signature names the inputs and outputs in the .tflite file.
     with tempfile.TemporaryDirectory(prefix="lgcn_export_") as saved, _quiet("absl", "tensorflow"):
         tf.saved_model.save(module, saved, signatures={"serving_default": signature})
         blob = tf.lite.TFLiteConverter.from_saved_model(saved).convert()
-    blob = _with_tflite_metadata(blob, metadata(model))
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+    with open(out, "wb") as f:
         f.write(blob)
-    return path
 
 
 def export(model, path: str, fmt: str | None = None, **options) -> str:

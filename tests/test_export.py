@@ -239,3 +239,15 @@ def test_importing_lgcn_jax_loads_no_exporter():
             "assert not loaded, loaded\n")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr[-3000:]
+
+
+def test_the_tflite_conversion_leaves_tensorflow_out_of_the_callers_process(tmp_path):
+    """TensorFlow converts in a child process: beside JAX's compiler it once crashed a later JAX compilation."""
+    out = tmp_path / "quick.tflite"
+    code = ("import sys, jax, jax.numpy as jnp, lgcn_jax\n"
+            f"lgcn_jax.export_tflite('synthetic_quick', {str(out)!r})\n"
+            "assert 'tensorflow' not in sys.modules\n"
+            "print(float(jax.jit(lambda x: jnp.linalg.cholesky(x).sum())(jnp.eye(3))))\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.split()[-1] == "3.0" and export.read_metadata(str(out))["weights"] == "synthetic_quick"
