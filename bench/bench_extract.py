@@ -6,7 +6,8 @@ The images: the first of the 300-W common subset (HELEN and LFPW test photos, ..
 where it is here, else synthetic scenes (data_prep's faces pasted on textured backgrounds).  Each is timed as a user runs
 it, as a whole process from start to exit (Python start-up, imports, model loading and compilation included):
 
-  loop:  a process that calls ``detect_batch`` on chunks of ``--batch_size`` paths and keeps the faces;
+  loop:  a process that calls ``detect_batch`` on chunks of ``--batch_size`` paths, in the job's detector and passes
+         (``extract()``'s defaults), and keeps the faces;
   job:   ``lgcn-extract LIST --out DIR`` (Ray started embedded on this machine, its default actors, the Parquet table);
 
 and the loop's steady rate after its first chunk (compilation excluded) is recorded too.  The weights: 300w_cpu and
@@ -40,13 +41,17 @@ REAL_300W = os.environ.get("LGCN_300W_DIR", os.path.join(os.path.dirname(ROOT), 
 
 # The plain loop, as a script of its own: prints its steady rate (images/s after the first chunk) as JSON.
 LOOP = """
-import json, sys, time
+import inspect, json, sys, time
 import lgcn_jax
+from lgcn_jax import extraction
 paths, weights, batch = open(sys.argv[1]).read().split(), sys.argv[2], int(sys.argv[3])
 model = lgcn_jax.load_pretrained(weights)
+# The job's own detector and passes (extract()'s defaults), not detect()'s defaults for this machine.
+job = inspect.signature(extraction.extract).parameters
+settings = {k: job[k].default for k in ("detector", "refine")}
 faces, t = 0, None
 for lo in range(0, len(paths), batch):
-    faces += sum(len(f) for f in lgcn_jax.detect_batch(paths[lo:lo + batch], model, batch_size=batch))
+    faces += sum(len(f) for f in lgcn_jax.detect_batch(paths[lo:lo + batch], model, batch_size=batch, **settings))
     if t is None:
         t, first = time.perf_counter(), lo + batch
 print(json.dumps({"faces": faces, "steady_images_per_s": (len(paths) - first) / (time.perf_counter() - t) if len(paths) > first else None}))
