@@ -60,7 +60,7 @@ def main(argv=None) -> dict:
         mem = {"predict": ["--preset", "quick", "--batch", "2", "--config", *tiny_net], "train": ["--preset", "quick", "--batch", "2", "--config", *tiny_net]}
     else:
         runs = {
-            "kernel_conv": lambda: bench_kernel_conv.main(["--batch", "1", "32", "--out", part("kernel_conv")]),
+            "kernel_conv": lambda: bench_kernel_conv.main(["--batch", "1", "8", "32", "--out", part("kernel_conv")]),
             "network": lambda: bench_network.main(["--preset", "paper", "--batch", "1", "32", "--out", part("network")]),
             "postprocess": lambda: bench_postprocess.main(["--out", part("postprocess")]),
             "train": lambda: bench_train.main(["--preset", "quick", *data, "--out", part("train")]),
@@ -90,6 +90,9 @@ def summary(r: dict) -> str:
     lines.append("|---|---|---|---|")
     for row in r["kernel_conv"]["rows"]:
         lines.append(f"| kernel conv {row['pass']} B={row['batch']} | {row['ours_s'] * 1e3:.1f} ms | direct depthwise {row['direct_s'] * 1e3:.1f} ms | {row['speedup']:.0f}x |")
+        if "per_image_s" in row:
+            lines.append(f"| kernel conv {row['pass']} B={row['batch']}, one image at a time | {row['per_image_s'] * 1e3:.1f} ms | "
+                         f"batched matmuls {row['batched_s'] * 1e3:.1f} ms | {row['batched_over_per_image']:.2f}x |")
     net = r["network"]
     for row in net["rows"]:
         lines.append(f"| apply B={row['batch']} ({net['preset']}) | {row['apply_images_per_s']:.2f} img/s | {row['apply_flops_per_s'] / 1e9:.1f} GFLOP/s of "

@@ -88,7 +88,14 @@ class ExecutionConfig:
     # after the blur instead of before it (the blur is linear: blur(x W + b) = blur(x) W + blur(1) b), so
     # fewer maps are blurred.  Same function (to float rounding) and weights either way.
     blur_features: bool = True
+    # How the blur's two matmuls take a batch: "image" runs them one image at a time (on a CPU several
+    # times faster per image for batches: the intermediate maps stay in cache), "batch" as one batched
+    # matmul each (GPUs; the exported ONNX and TFLite graphs), "auto" the first on a CPU and the second
+    # elsewhere, chosen when the program is lowered for its platform.  Same function either way.
+    blur_batching: str = "auto"
 
+
+BLUR_BATCHING = ("auto", "image", "batch")
 
 # The fields of ExecutionConfig; configs written before it existed keep them in their "model" section.
 EXECUTION_FIELDS = frozenset(f.name for f in dataclasses.fields(ExecutionConfig))
@@ -324,6 +331,8 @@ def validate(config: Config) -> None:
     for name in ("num_filters", "num_landmarks"):
         if getattr(m, name) < 1:
             raise ValueError(f"model.{name} must be positive")
+    if config.execution.blur_batching not in BLUR_BATCHING:
+        raise ValueError(f"execution.blur_batching must be one of {', '.join(map(repr, BLUR_BATCHING))}, got {config.execution.blur_batching!r}")
     if config.execution.compute_dtype not in ("float32", "bfloat16"):
         raise ValueError(f"execution.compute_dtype must be 'float32' or 'bfloat16', got {config.execution.compute_dtype!r}")
     if d.pipeline not in ("auto", "tf", "jax"):

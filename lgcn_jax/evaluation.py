@@ -22,6 +22,7 @@ from lgcn_jax.heatmaps import argmax_subpixel
 from lgcn_jax.metric_writer import read_metrics
 from lgcn_jax.postprocess import postprocess
 from lgcn_jax.predict import Model, heatmaps, predict
+from lgcn_jax.xla_options import jit
 
 __all__ = ["eval_step", "predict_batches", "predict_landmarks", "evaluate", "horizontal_offset", "evaluate_landmarks", "subset_reports",
            "write_report", "plot_ced", "plot_training", "format_table", "NORMS", "THRESHOLD", "tune_decoding", "PEAK_FIT_RADII"]
@@ -30,7 +31,7 @@ NORMS = ("inter_ocular", "inter_pupil")
 THRESHOLD = 0.08
 
 
-@jax.jit
+@jit
 def eval_step(net: network.LGCNParams, images: jax.Array) -> jax.Array:
     """Landmarks f32[B, L, 2] from images by the per-map sub-pixel maximum (no shape model)."""
     return argmax_subpixel(network.apply(net, images))[0]

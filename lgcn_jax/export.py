@@ -63,7 +63,9 @@ def _require(what: str, *modules: str) -> None:
 def inference_function(model: Model):
     """The function the files hold: images f32[B, S, S, 1] -> (heatmaps f32[B, S, S, L], landmarks f32[B, L, 2],
     confidence f32[B, L]), with the model's weights as constants."""
-    params, config = model.params, model.postprocess
+    # The blur as two batched matmuls: a graph without a platform switch or a loop over the batch, which
+    # ONNX Runtime and LiteRT run well at any batch size.
+    params, config = model.params.with_execution(dataclasses.replace(model.execution, blur_batching="batch")), model.postprocess
     if config.flip_test:
         # jax2onnx gives the concatenation of a symbolic batch with its mirror image the batch's size, not twice it.
         raise ValueError("test-time mirroring (postprocess.flip_test) is not exported: export "

@@ -73,6 +73,10 @@ class Kernel:
         self.row_taps = (vt[:rank, :].T * root).T  # f64[R, Kw]: taps along W
         self._key = (values.shape, values.tobytes(), rtol)
 
+    def flipped(self) -> "Kernel":
+        """The kernel turned by 180 degrees: the blur's transpose (the same kernel when it is symmetric)."""
+        return Kernel(self.values[::-1, ::-1], self._key[2])
+
     @property
     def shape(self) -> tuple[int, int]:
         return self.values.shape
@@ -108,11 +112,9 @@ def _as_kernel(kernel) -> Kernel:
     return kernel if isinstance(kernel, Kernel) else Kernel(np.asarray(kernel))
 
 
-@functools.partial(jax.jit, static_argnames=("kernel", "precision"))
-def _kernel_conv(x: jax.Array, kernel: Kernel, precision) -> jax.Array:
+def _blur_batch(x: jax.Array, kernel: Kernel, precision) -> jax.Array:
     b, h, w, c = x.shape
     r = kernel.rank
-    x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
     # Both passes are batched matmuls that read and write x's own NHWC layout, so no layout
     # transpose of a map-sized array is needed (the einsum form "rwq,bhqc->bhrwc" made XLA move
     # x and the R-times-larger intermediate through transposes: twice the blur's memory traffic
@@ -129,7 +131,42 @@ def _kernel_conv(x: jax.Array, kernel: Kernel, precision) -> jax.Array:
                                (((3,), (2,)), ((0, 1), (0, 1))), precision=precision)  # [B, H', W', C]
 
 
-def kernel_conv(x: jax.Array, kernel, precision=jax.lax.Precision.HIGHEST) -> jax.Array:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def _blur_each(x: jax.Array, kernel: Kernel, precision) -> jax.Array:
+    # XLA's CPU backend runs the two matmuls well for one image, whose R-times-larger intermediate
+    # stays in cache, and several times slower per image for a batch (bench/bench_kernel_conv.py),
+    # so on a CPU the images go one at a time.
+    return jax.lax.map(lambda image: _blur_batch(image[None], kernel, precision)[0], x)
+
+
+def _blur_each_fwd(x, kernel, precision):
+    return _blur_each(x, kernel, precision), None
+
+
+def _blur_each_bwd(kernel, precision, _, cotangent):
+    # The blur is linear and its transpose is the blur by the flipped kernel (zero padding, odd
+    # sides), so the backward pass runs one image at a time too; autodiff's transpose of the
+    # loop above was slower in a training step than the batched matmuls it replaces.
+    return (_blur_each(cotangent, kernel.flipped(), precision),)
+
+
+_blur_each.defvjp(_blur_each_fwd, _blur_each_bwd)
+
+
+@functools.partial(jax.jit, static_argnames=("kernel", "precision", "batching"))
+def _kernel_conv(x: jax.Array, kernel: Kernel, precision, batching: str) -> jax.Array:
+    x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    one = isinstance(x.shape[0], int) and x.shape[0] == 1  # False for a symbolic batch (export)
+    if batching == "batch" or one:
+        return _blur_batch(x, kernel, precision)
+    if batching == "image":
+        return _blur_each(x, kernel, precision)
+    # "auto": chosen when the program is lowered for its platform, so the compiler sees one branch only.
+    return jax.lax.platform_dependent(x, cpu=lambda x: _blur_each(x, kernel, precision),
+                                      default=lambda x: _blur_batch(x, kernel, precision))
+
+
+def kernel_conv(x: jax.Array, kernel, precision=jax.lax.Precision.HIGHEST, batching: str = "auto") -> jax.Array:
     """Blur every channel of ``x`` with one fixed kernel (zero padding, SAME size).
 
     Args:
@@ -139,6 +176,8 @@ def kernel_conv(x: jax.Array, kernel, precision=jax.lax.Precision.HIGHEST) -> ja
       precision: of the two matmuls, as for ``jnp.einsum``.  Full f32 by default; ``None`` follows
         JAX's default matmul precision (TF32 on recent NVIDIA GPUs, as the network's convolutions
         use; the same as full f32 on CPUs).
+      batching: "image" runs the matmuls one image at a time, "batch" once for the whole batch, "auto"
+        (default) the first on a CPU and the second on other platforms (``ExecutionConfig.blur_batching``).
 
     Returns:
       f32[B, H, W, C], equal to :func:`kernel_conv_direct` up to float rounding.
@@ -146,7 +185,9 @@ def kernel_conv(x: jax.Array, kernel, precision=jax.lax.Precision.HIGHEST) -> ja
     x = jnp.asarray(x)
     if x.ndim != 4:
         raise ValueError(f"kernel_conv expects x of shape [B, H, W, C], got {x.shape}")
-    return _kernel_conv(x, _as_kernel(kernel), precision)
+    if batching not in ("auto", "image", "batch"):
+        raise ValueError(f"batching must be 'auto', 'image' or 'batch', got {batching!r}")
+    return _kernel_conv(x, _as_kernel(kernel), precision, batching)
 
 
 @functools.partial(jax.jit, static_argnames="kernel")

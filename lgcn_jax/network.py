@@ -22,6 +22,7 @@ from flax import struct
 from lgcn_jax.batch_norm import BNReLUDropout, fold_into_conv
 from lgcn_jax.config import Config, ExecutionConfig, ModelConfig
 from lgcn_jax.kernel_conv import Kernel, gaussian_mixture_kernel, kernel_conv
+from lgcn_jax.xla_options import jit
 
 __all__ = ["LGCNParams", "LGCN", "model_kernel", "to_phases", "from_phases", "init", "apply", "apply_train", "check_images", "batch_statistics", "recalibrate_batch_stats"]
 
@@ -85,12 +86,12 @@ class LGCN(nn.Module):
             head = self.variables["params"]["head_main"]
             f = x.shape[-1]
             ones = jnp.ones(x.shape[:-1] + (1,), jnp.float32)
-            blurred = kernel_conv(jnp.concatenate([x.astype(jnp.float32), ones, side], axis=-1), kernel, precision=None)
+            blurred = kernel_conv(jnp.concatenate([x.astype(jnp.float32), ones, side], axis=-1), kernel, precision=None, batching=run.blur_batching)
             o1 = (blurred[..., :f] @ head["kernel"][0, 0] + blurred[..., f:f + 1] * head["bias"]) * m.kernel_output_scale
             side_blurred = blurred[..., f + 1:] * m.kernel_output_scale
         else:
             main = nn.Conv(n, (1, 1), kernel_init=conv_init, dtype=jnp.float32, name="head_main")(x)
-            blurred = kernel_conv(jnp.concatenate([main, side], axis=-1), kernel, precision=None) * m.kernel_output_scale
+            blurred = kernel_conv(jnp.concatenate([main, side], axis=-1), kernel, precision=None, batching=run.blur_batching) * m.kernel_output_scale
             o1, side_blurred = blurred[..., :n], blurred[..., n:]
         blurred = jnp.concatenate([o1, side_blurred], axis=-1)
         d = m.global_dilation
@@ -189,7 +190,7 @@ def check_images(images: Any) -> jax.Array:
     return images.astype(jnp.float32)
 
 
-@jax.jit
+@jit
 def _apply(params: LGCNParams, images: jax.Array) -> jax.Array:
     return LGCN(params.config, params.execution).apply(params.variables, images, train=False)[1]
 
@@ -222,7 +223,7 @@ def apply_train(params: LGCNParams, images: jax.Array, dropout_rng: jax.Array) -
     return o1, o2, updates["batch_stats"]
 
 
-@jax.jit
+@jit
 def batch_statistics(params: LGCNParams, images: jax.Array) -> Any:
     """BatchNorm statistics of one batch images f32[B, H, W, 1]: a ``batch_stats`` tree of per-channel mean and var.
 

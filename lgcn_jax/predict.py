@@ -14,6 +14,7 @@ from lgcn_jax.config import EXECUTION_FIELDS, Config, DataConfig, ExecutionConfi
 from lgcn_jax.landmarks68 import NUM_POINTS, mirror_heatmaps
 from lgcn_jax.postprocess import check_heatmaps, postprocess_batch
 from lgcn_jax.shape_model import ShapeModel, empty_shape_model
+from lgcn_jax.xla_options import jit
 
 __all__ = ["Model", "heatmaps", "predict", "predict_with_confidence"]
 
@@ -93,7 +94,7 @@ def heatmaps(params: network.LGCNParams, images: jax.Array, flip_test: bool = Fa
 _OUT_TREE = jax.tree.structure((0, 0))  # (landmarks, confidence)
 
 
-@functools.partial(jax.jit, static_argnames="config")
+@jit(static_argnames="config")
 def _predict(params, images, shape_model, config):
     return postprocess_batch(heatmaps(params, images, config.flip_test), shape_model, config)
 

@@ -14,6 +14,7 @@ from lgcn_jax import network
 from lgcn_jax.config import DataConfig
 from lgcn_jax.loss import heatmap_loss
 from lgcn_jax.train_state import TrainState
+from lgcn_jax.xla_options import jit
 
 __all__ = ["loss", "train_step"]
 
@@ -27,7 +28,7 @@ def loss(params: Any, net: network.LGCNParams, batch: dict, rng: jax.Array, loss
     return per_face.mean(), batch_stats
 
 
-@functools.partial(jax.jit, static_argnames=("loss_scale", "augment", "skip_nonfinite", "teacher_weight"), donate_argnums=0)
+@jit(static_argnames=("loss_scale", "augment", "skip_nonfinite", "teacher_weight"), donate_argnums=0)
 def _train_step(state: TrainState, batch: dict, loss_scale: float, augment: DataConfig | None,
                 skip_nonfinite: bool = False, teacher_weight: float = 0.0) -> tuple[TrainState, dict]:
     if augment is not None:  # raw u8 batches of the input pipeline, changed here on the device

@@ -34,6 +34,7 @@ from lgcn_jax.release import checkpoint_path, export_model, load_model, load_par
 from lgcn_jax.step import train_step
 from lgcn_jax.train_state import create_train_state, learning_rate_schedule
 from lgcn_jax.workdir import check_workdir_config, network_differences, workdir_lock
+from lgcn_jax.xla_options import jit
 
 __all__ = ["train_and_evaluate", "write_shape_model", "training_splits", "recalibrated", "load_initial_weights", "export_workdir",
            "TrainingInterrupted", "FINE_TUNE_FREE", "teacher_maps"]
@@ -101,7 +102,7 @@ def teacher_maps(config: Config, train_data: dict, workdir: str | None = None, b
         rows = np.array([where[str(f)] for f in names])
     maps = np.empty((n, size, size, config.model.num_landmarks), np.float16)
 
-    @jax.jit
+    @jit
     def run(images):
         h = network_heatmaps(teacher.params, images)
         return jax.image.resize(h, (h.shape[0], size, size, h.shape[-1]), "linear", antialias=True)

@@ -18,12 +18,16 @@ KERNELS = {
 }
 
 
+BATCHINGS = ("auto", "image", "batch")
+
+
+@pytest.mark.parametrize("batching", BATCHINGS)
 @pytest.mark.parametrize("name", sorted(KERNELS))
 @pytest.mark.parametrize("shape", [(2, 24, 24, 3), (1, 17, 30, 5), (3, 50, 40, 2)])
-def test_matches_direct_depthwise(name, shape):
+def test_matches_direct_depthwise(name, shape, batching):
     k = KERNELS[name]
     x = jax.random.normal(jax.random.key(hash((name, shape)) % 2**31), shape)
-    assert rel(kernel_conv(x, k), kernel_conv_direct(x, k)) < 1e-5
+    assert rel(kernel_conv(x, k, batching=batching), kernel_conv_direct(x, k)) < 1e-5
 
 
 def test_lgcn_kernel_is_rank_three_and_full_size():
@@ -44,12 +48,14 @@ def test_precision_reaches_both_matmuls(precision, expect):
     assert rel(kernel_conv(x, KERNELS["lgcn45"], precision), kernel_conv_direct(x, KERNELS["lgcn45"])) < 1e-5
 
 
+@pytest.mark.parametrize("batching", BATCHINGS)
 @pytest.mark.parametrize("name", ["lgcn45", "asymmetric_rect"])
-def test_gradient_matches_direct(name):
+def test_gradient_matches_direct(name, batching):
+    # "image" has its own backward pass (the blur by the flipped kernel): the asymmetric kernel checks the flip.
     k = KERNELS[name]
-    x = jax.random.normal(jax.random.key(4), (2, 48, 40, 3))
-    ct = jax.random.normal(jax.random.key(5), (2, 48, 40, 3))
-    g_fast = jax.grad(lambda x: jnp.sum(kernel_conv(x, k) * ct))(x)
+    x = jax.random.normal(jax.random.key(4), (3, 48, 40, 3))
+    ct = jax.random.normal(jax.random.key(5), (3, 48, 40, 3))
+    g_fast = jax.grad(lambda x: jnp.sum(kernel_conv(x, k, batching=batching) * ct))(x)
     g_ref = jax.grad(lambda x: jnp.sum(kernel_conv_direct(x, k) * ct))(x)
     assert rel(g_fast, g_ref) < 1e-5
 
@@ -93,12 +99,28 @@ def test_gaussian_mixture_kernel_errors():
         gaussian_mixture_kernel(5, (1.0, 2.0), (1.0,))
 
 
-def test_no_layout_transpose_of_the_maps():
+@pytest.mark.parametrize("batching", ["image", "batch"])
+def test_no_layout_transpose_of_the_maps(batching):
     """Both matmuls read and write NHWC as it lies: no transpose of a map-sized array.  (On a GPU the
     einsum form's transposes moved twice the blur's bytes; bench/gpu_hlo_offline.py.)  Forward only:
     autodiff writes the backward matmuls' operand orders as transposes, which XLA folds into them."""
     x = jnp.ones((2, 24, 20, 3))
-    eqns = list(all_eqns(jax.make_jaxpr(lambda x: kernel_conv(x, KERNELS["lgcn45"]))(x).jaxpr))
-    moved = [e for e in eqns if e.primitive.name == "transpose" and e.outvars[0].aval.size >= x.size]
+    eqns = list(all_eqns(jax.make_jaxpr(lambda x: kernel_conv(x, KERNELS["lgcn45"], batching=batching))(x).jaxpr))
+    moved = [e for e in eqns if e.primitive.name == "transpose" and e.outvars[0].aval.size >= 24 * 20 * 3]
     assert not moved, moved
     assert sum(e.primitive.name == "dot_general" for e in eqns) == 2
+
+
+def test_batching_by_platform():
+    """"auto" lowers the loop over images for a CPU and the batched matmuls for a GPU (a lowering only: no GPU needed)."""
+    x = jnp.ones((4, 24, 20, 3))
+    f = jax.jit(lambda x: kernel_conv(x, KERNELS["lgcn45"]))
+    cpu = f.trace(x).lower(lowering_platforms=("cpu",)).as_text()
+    gpu = f.trace(x).lower(lowering_platforms=("cuda",)).as_text()
+    assert "stablehlo.while" in cpu and "stablehlo.while" not in gpu
+    assert jax.jit(lambda x: kernel_conv(x, KERNELS["lgcn45"], batching="image")).lower(x).as_text().count("stablehlo.while") == 1
+
+
+def test_bad_batching():
+    with pytest.raises(ValueError, match="batching must be"):
+        kernel_conv(jnp.zeros((2, 8, 8, 1)), KERNELS["random_full_rank"], batching="rows")

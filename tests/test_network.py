@@ -231,3 +231,30 @@ def test_compute_dtype_is_checked():
     for key in ("execution.compute_dtype", "model.compute_dtype"):  # the second: the spelling before the execution section
         with pytest.raises(ValueError, match="execution.compute_dtype must be 'float32' or 'bfloat16', got 'float16'"):
             lgcn_jax.apply_overrides(get_config("quick"), [f"{key}=float16"])
+
+
+def test_blur_batching_is_the_same_function(params):
+    """execution.blur_batching: the blur's matmuls one image at a time (CPUs), once for the batch (GPUs, exports) or
+    by platform; the same outputs and gradients."""
+    x = jax.random.uniform(jax.random.key(3), (3, 32, 32, 1))
+    nets = {b: params.with_execution(ExecutionConfig(blur_batching=b)) for b in ("auto", "image", "batch")}
+    ref = lgcn_jax.apply(nets["batch"], x)
+
+    def loss(p, net):
+        o1, o2, _ = lgcn_jax.apply_train(net.replace(params=p), x, jax.random.key(2))
+        return jnp.sum((o1 + o2) * jnp.cos(jnp.arange(o2.size).reshape(o2.shape)))
+
+    grad = jax.jit(jax.grad(loss))
+    g_ref = grad(nets["batch"].params, nets["batch"])
+    for name in ("auto", "image"):
+        np.testing.assert_allclose(lgcn_jax.apply(nets[name], x), ref, rtol=1e-5, atol=1e-7)
+        g = grad(nets[name].params, nets[name])
+        # A bias before BatchNorm has a gradient of zero up to round-off: the tolerance is the whole gradient's scale.
+        scale = max(float(np.abs(b).max()) for b in jax.tree_util.tree_leaves(g_ref))
+        for a, b in zip(jax.tree_util.tree_leaves(g), jax.tree_util.tree_leaves(g_ref)):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * scale)
+
+
+def test_blur_batching_is_checked():
+    with pytest.raises(ValueError, match="execution.blur_batching must be one of 'auto', 'image', 'batch', got 'rows'"):
+        lgcn_jax.apply_overrides(get_config("quick"), ["execution.blur_batching=rows"])

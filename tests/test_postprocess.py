@@ -475,7 +475,7 @@ def test_model_with_execution():
     assert 0 < moved.mean() < 0.3, moved.mean()
     dilated = model.with_execution(dilation_as_phases=False)
     np.testing.assert_allclose(np.asarray(lgcn_jax.predict(dilated, images)), ref, atol=1e-3)
-    with pytest.raises(ValueError, match=r"unknown execution settings \['num_filters'\]; they are: blur_features, compute_dtype, dilation_as_phases, fold_batch_norm, fused_batch_norm"):
+    with pytest.raises(ValueError, match=r"unknown execution settings \['num_filters'\]; they are: blur_batching, blur_features, compute_dtype, dilation_as_phases, fold_batch_norm, fused_batch_norm"):
         model.with_execution(num_filters=64)
     with pytest.raises(ValueError, match="execution.compute_dtype must be 'float32' or 'bfloat16'"):
         model.with_execution(compute_dtype="half")

@@ -1,0 +1,83 @@
+"""XLA compiler options for the package's own programs: the network and the programs that run it.
+
+On a CPU, XLA hands convolutions and matmuls to the YNNPACK library by default (jaxlib 0.10); for
+this network's convolutions, of few channels on small maps, XLA's own kernels are faster: the
+``300w_cpu`` network on one face in about 7 ms instead of 10 on a 2-core x86 CPU, and a training
+step about 15% faster (docs/benchmarks.md).  ``jit`` is ``jax.jit`` with those options for
+programs compiled where JAX's default backend is the CPU.  Left out where ``XLA_FLAGS`` sets an
+option itself (the caller's choice wins) and where the installed XLA does not know it (an older or
+newer jaxlib: the programs compile as plain ``jax.jit`` would).  GPUs and TPUs get no options.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import jax
+import numpy as np
+
+__all__ = ["CPU_OPTIONS", "compiler_options", "jit"]
+
+# "": no operation goes to YNNPACK (its fusion types are "dot", "eltwise", "individual_convolution", ...).
+CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
+
+
+@functools.lru_cache(maxsize=1)
+def compiler_options() -> dict[str, str]:
+    """The options ``jit`` compiles with in this process: ``CPU_OPTIONS`` on a CPU, less those ``XLA_FLAGS`` sets and
+    those this XLA does not know; {} on other backends."""
+    if jax.default_backend() != "cpu":
+        return {}
+    flags = os.environ.get("XLA_FLAGS", "")
+    options = {k: v for k, v in CPU_OPTIONS.items() if f"--{k}=" not in flags}
+    if not options:
+        return {}
+    try:  # an unknown option fails the compile of any program: try it on a trivial one first
+        jax.jit(lambda x: x, compiler_options=options).lower(np.float32(0)).compile()
+    except jax.errors.JaxRuntimeError:
+        return {}
+    return options
+
+
+class _Jit:
+    """``jax.jit(fun, compiler_options=compiler_options(), **kwargs)``, made at the first use (not at import, when the
+    backend is not yet chosen); calls and attributes (``lower``, ``trace``, ...) go to it.  JAX takes compiler
+    options only for the outermost program, so a call inside another trace (the caller's ``jax.jit``, ``grad`` or
+    ``vmap``) goes to a plain ``jax.jit(fun, **kwargs)``, which becomes part of the caller's program."""
+
+    def __init__(self, fun, kwargs: dict):
+        self._fun, self._kwargs, self._tuned, self._plain = fun, kwargs, None, None
+        functools.update_wrapper(self, fun)
+
+    def _get(self):
+        if self._tuned is None:
+            self._tuned = jax.jit(self._fun, compiler_options=compiler_options() or None, **self._kwargs)
+        return self._tuned
+
+    def _nested(self):
+        if self._plain is None:
+            self._plain = jax.jit(self._fun, **self._kwargs)
+        return self._plain
+
+    def __call__(self, *args, **kwargs):
+        if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((args, kwargs))):
+            return self._nested()(*args, **kwargs)
+        try:
+            return self._get()(*args, **kwargs)
+        except ValueError as e:  # inside a trace that none of the arguments shows (constants closed over)
+            if "compiler_options" not in str(e):
+                raise
+            return self._nested()(*args, **kwargs)
+
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(self._get(), name)
+
+
+def jit(fun=None, **kwargs):
+    """``jax.jit`` with this machine's ``compiler_options()``; as a decorator, bare or with ``jax.jit``'s keywords."""
+    if fun is None:
+        return functools.partial(jit, **kwargs)
+    return _Jit(fun, kwargs)
