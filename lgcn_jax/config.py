@@ -88,8 +88,8 @@ class ExecutionConfig:
     # after the blur instead of before it (the blur is linear: blur(x W + b) = blur(x) W + blur(1) b), so
     # fewer maps are blurred.  Same function (to float rounding) and weights either way.
     blur_features: bool = True
-    # How the blur's two matmuls take a batch: "image" runs them one image at a time (on a CPU several
-    # times faster per image for batches: the intermediate maps stay in cache), "batch" as one batched
+    # How the blur's two matmuls take a batch: "image" runs them one image at a time (on a CPU faster
+    # per image for batches: the intermediate maps stay in cache), "batch" as one batched
     # matmul each (GPUs; the exported ONNX and TFLite graphs), "auto" the first on a CPU and the second
     # elsewhere, chosen when the program is lowered for its platform.  Same function either way.
     blur_batching: str = "auto"

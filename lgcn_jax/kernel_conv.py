@@ -23,6 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lgcn_jax.config import BLUR_BATCHING
+
 __all__ = [
     "Kernel",
     "gaussian_mixture_kernel",
@@ -134,8 +136,8 @@ def _blur_batch(x: jax.Array, kernel: Kernel, precision) -> jax.Array:
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
 def _blur_each(x: jax.Array, kernel: Kernel, precision) -> jax.Array:
     # XLA's CPU backend runs the two matmuls well for one image, whose R-times-larger intermediate
-    # stays in cache, and several times slower per image for a batch (bench/bench_kernel_conv.py),
-    # so on a CPU the images go one at a time.
+    # stays in cache, and slower per image for a batch (bench/bench_kernel_conv.py), so on a CPU
+    # the images go one at a time.
     return jax.lax.map(lambda image: _blur_batch(image[None], kernel, precision)[0], x)
 
 
@@ -185,8 +187,8 @@ def kernel_conv(x: jax.Array, kernel, precision=jax.lax.Precision.HIGHEST, batch
     x = jnp.asarray(x)
     if x.ndim != 4:
         raise ValueError(f"kernel_conv expects x of shape [B, H, W, C], got {x.shape}")
-    if batching not in ("auto", "image", "batch"):
-        raise ValueError(f"batching must be 'auto', 'image' or 'batch', got {batching!r}")
+    if batching not in BLUR_BATCHING:
+        raise ValueError(f"batching must be one of {', '.join(map(repr, BLUR_BATCHING))}, got {batching!r}")
     return _kernel_conv(x, _as_kernel(kernel), precision, batching)
 
 

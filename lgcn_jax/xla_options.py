@@ -1,14 +1,13 @@
 """XLA compiler options for the package's own programs: the network and the programs that run it.
 
 On a CPU, XLA hands convolutions and matmuls to the YNNPACK library by default (jaxlib 0.10); for
-this network's convolutions, of few channels on small maps, XLA's own kernels are faster: the
-``300w_cpu`` network on one face in about 7 ms instead of 10 on a 2-core x86 CPU, and a training
-step about 15% faster (docs/architecture.md).  ``jit`` is ``jax.jit`` with those options for
+this network's convolutions, of few channels on small maps, XLA's own kernels are faster
+(docs/architecture.md has the measurements).  ``jit`` is ``jax.jit`` with the options below for
 programs compiled where JAX's default backend is the CPU; the package uses it for the programs
-that run the network.  Programs without it keep XLA's defaults: the decoding alone
-(``postprocess_with_confidence``) ran faster with YNNPACK (0.8 against 1.0 ms per face).  Left out where ``XLA_FLAGS`` sets an
-option itself (the caller's choice wins) and where the installed XLA does not know it (an older or
-newer jaxlib: the programs compile as plain ``jax.jit`` would).  GPUs and TPUs get no options.
+that run the network.  Programs without the network (the decoding alone) keep XLA's defaults,
+under which they ran faster.  An option is left out where ``XLA_FLAGS`` sets it (the caller's
+choice wins) and where the installed XLA does not know it (an older or newer jaxlib: the programs
+compile as plain ``jax.jit`` would).  GPUs and TPUs get no options.
 """
 
 from __future__ import annotations
