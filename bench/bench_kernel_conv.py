@@ -9,6 +9,7 @@ Prints a table and writes bench/results_kernel_conv.json; every ratio is measure
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 
 from common import machine, median_time, write_results
@@ -19,6 +20,12 @@ import jax.numpy as jnp
 from lgcn_jax.config import ModelConfig
 from lgcn_jax.kernel_conv import kernel_conv, kernel_conv_direct
 from lgcn_jax.network import model_kernel
+
+
+def _backward(op):
+    # The cotangent is an argument: the op is linear, so with a constant cotangent
+    # XLA would fold the whole backward pass at compile time.
+    return jax.jit(lambda xc: jax.vjp(op, xc[0])[1](xc[1])[0])
 
 
 def main(argv=None) -> dict:
@@ -35,16 +42,12 @@ def main(argv=None) -> dict:
     for b in args.batch:
         x = jax.random.normal(jax.random.key(0), (b, args.size, args.size, args.channels))
         ct = jax.random.normal(jax.random.key(1), x.shape)
-        fast = jax.jit(lambda x: kernel_conv(x, k))  # "auto": by platform
-        batched = jax.jit(lambda x: kernel_conv(x, k, batching="batch"))
-        per_image = jax.jit(lambda x: kernel_conv(x, k, batching="image"))
-        direct = jax.jit(lambda x: kernel_conv_direct(x, k))
-        # The cotangent is an argument: the op is linear, so with a constant cotangent
-        # XLA would fold the whole backward pass at compile time.
-        fast_bwd = jax.jit(lambda xc: jax.vjp(lambda x: kernel_conv(x, k), xc[0])[1](xc[1])[0])
-        batched_bwd = jax.jit(lambda xc: jax.vjp(lambda x: kernel_conv(x, k, batching="batch"), xc[0])[1](xc[1])[0])
-        per_image_bwd = jax.jit(lambda xc: jax.vjp(lambda x: kernel_conv(x, k, batching="image"), xc[0])[1](xc[1])[0])
-        direct_bwd = jax.jit(lambda xc: jax.vjp(lambda x: kernel_conv_direct(x, k), xc[0])[1](xc[1])[0])
+        ops = {way: functools.partial(kernel_conv, kernel=k, batching=way) for way in ("auto", "batch", "image")}  # "auto": by platform
+        ops["direct"] = functools.partial(kernel_conv_direct, kernel=k)
+        forward = {way: jax.jit(op) for way, op in ops.items()}
+        backward = {way: _backward(op) for way, op in ops.items()}
+        fast, batched, per_image, direct = (forward[w] for w in ("auto", "batch", "image", "direct"))
+        fast_bwd, batched_bwd, per_image_bwd, direct_bwd = (backward[w] for w in ("auto", "batch", "image", "direct"))
         err = float(jnp.linalg.norm(fast(x) - direct(x)) / jnp.linalg.norm(direct(x)))
         for name, f, fb, fi, d, arg in (("forward", fast, batched, per_image, direct, x),
                                         ("backward", fast_bwd, batched_bwd, per_image_bwd, direct_bwd, (x, ct))):

@@ -48,28 +48,26 @@ class _Jit:
     ``vmap``) goes to a plain ``jax.jit(fun, **kwargs)``, which becomes part of the caller's program."""
 
     def __init__(self, fun, kwargs: dict):
-        self._fun, self._kwargs, self._tuned, self._plain = fun, kwargs, None, None
+        self._fun, self._kwargs, self._tuned = fun, kwargs, None
+        self._plain = jax.jit(fun, **kwargs)  # cheap: jax.jit neither traces nor touches a backend
         functools.update_wrapper(self, fun)
 
     def _get(self):
         if self._tuned is None:
-            self._tuned = jax.jit(self._fun, compiler_options=compiler_options() or None, **self._kwargs)
+            options = compiler_options()
+            # Without options (GPUs, TPUs, an XLA without them) the plain function serves both uses: one cache.
+            self._tuned = jax.jit(self._fun, compiler_options=options, **self._kwargs) if options else self._plain
         return self._tuned
-
-    def _nested(self):
-        if self._plain is None:
-            self._plain = jax.jit(self._fun, **self._kwargs)
-        return self._plain
 
     def __call__(self, *args, **kwargs):
         if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((args, kwargs))):
-            return self._nested()(*args, **kwargs)
+            return self._plain(*args, **kwargs)
         try:
             return self._get()(*args, **kwargs)
         except ValueError as e:  # inside a trace that none of the arguments shows (constants closed over)
             if "compiler_options" not in str(e):
                 raise
-            return self._nested()(*args, **kwargs)
+            return self._plain(*args, **kwargs)
 
     def __getattr__(self, name):
         if name.startswith("__"):
