@@ -123,8 +123,12 @@ def test_cli_video_writes_json_lines_and_annotated_video(clip, tmp_path, capsys)
     first = lines[0]["faces"][0]
     assert first["track_id"] == 0 and len(first["landmarks"]) == 68
     assert {d["model"] for d in lines} == {lgcn_jax.release.default_weights()}  # what ran is recorded
-    # MJPG round trip: the landmarks stay close to those of the clean frame.
-    assert nme(np.array(lines[5]["faces"][0]["landmarks"]), truths[5]) < 0.05
+    # MJPG round trip: the landmarks stay close to those of the same weights on the clean frames (0.9-2.2% with
+    # 300w_cpu48), which stay within detection accuracy of the reference (300w_cpu48 3.3-5.3%, 300w_cpu 2.6-3.1%).
+    clean = list(lgcn_jax.track(frames[:6]))
+    for k in range(6):
+        assert nme(np.array(lines[k]["faces"][0]["landmarks"]), clean[k][0].landmarks) < 0.03, k
+        assert nme(clean[k][0].landmarks, truths[k]) < 0.06, k
     annotated = list(read_frames(str(out / "clip_landmarks.mp4")))
     assert len(annotated) == 8 and annotated[0].shape == (H, W, 3)
     assert "8 frames" in capsys.readouterr().out
