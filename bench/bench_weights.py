@@ -7,8 +7,9 @@ inter-ocular NME on the common subset with its own decoding (crops framed from t
 ``run_eval.py --split common`` reports it; needs a 300-W build or array export in --data_dir), FLOPs per face
 counted from the layer table (bench_network.count_flops), and ms per face of ``predict`` (network and
 decoding, after compilation, the median of --repeats) on one real face: the crop ``detect`` cuts from the
-Grace Hopper photo bundled with matplotlib (the decoding iterates longer on a crop without a face).  The README's table of weights is generated
-from the results (bench/make_docs.py).  Writes bench/results_weights.json.
+Grace Hopper photo bundled with matplotlib (the decoding iterates longer on a crop without a face).  The
+README's table of weights is generated from the results (bench/make_docs.py).  Writes
+bench/results_weights.json.
 """
 
 from __future__ import annotations

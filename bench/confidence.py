@@ -6,8 +6,7 @@ For each model, the mean over its 68 points of ``Face.confidence`` (the heatmap 
   * faces: the 300-W common subset (HELEN test + LFPW test), one pass on the crop framed from the ground truth
     (the evaluation crop: the landmarks' box, side 1.4x);
   * background: from the same photos, square crops of a third of the shorter side at the four corners, those
-    clear of the annotated landmarks' box (hair, clothes, walls, sky; other faces are not annotated and may appear)
-    (left, right, above, below; those that stay inside the photo), so that they hold no annotated face;
+    clear of the annotated landmarks' box (hair, clothes, walls, sky; other faces are not annotated and may appear);
   * noise: crops of uniform noise (seeded).
 ``lgcn_jax.track.MIN_CONFIDENCE`` should lie below every face and above the background and noise crops (a
 corner crop can hold part of an unannotated face: those count as background here).
@@ -24,7 +23,6 @@ from common import machine, write_results
 
 import numpy as np
 
-
 from data_prep.layout_300w import read_pts
 from lgcn_jax import crop as crop_lib
 from lgcn_jax.detect import landmarks
@@ -35,7 +33,7 @@ from lgcn_jax.track import MIN_CONFIDENCE
 SUBSETS = ("helen/testset", "lfpw/testset")
 
 
-def summary(values: list[float]) -> dict:
+def summary(values: np.ndarray) -> dict:
     v = np.asarray(values, np.float64)
     return {"n": int(v.size), "min": float(v.min()), "p01": float(np.percentile(v, 1)), "median": float(np.median(v)),
             "p99": float(np.percentile(v, 99)), "max": float(v.max())}
@@ -68,12 +66,11 @@ def measure(model, photos: list[str], noise_crops: int, seed: int = 0) -> dict:
         maps.append(crop_lib.similarity(((size - 1) / 2, (size - 1) / 2), size, 0.0, size))
         kinds.append("noise")
     faces = landmarks(model, grays, owners, maps, [1.0] * len(maps), refine=0)
-    out = {}
-    for kind in ("faces", "background", "noise"):
-        out[kind] = summary([float(f.confidence.mean()) for f, k in zip(faces, kinds) if k == kind])
-    values = {k: np.array([f.confidence.mean() for f, kk in zip(faces, kinds) if kk == k]) for k in out}
-    out["faces_below_min_confidence"] = int((values["faces"] < MIN_CONFIDENCE).sum())
-    out["others_above_min_confidence"] = int((values["background"] >= MIN_CONFIDENCE).sum() + (values["noise"] >= MIN_CONFIDENCE).sum())
+    mean = np.array([float(f.confidence.mean()) for f in faces])
+    kinds = np.array(kinds)
+    out = {kind: summary(mean[kinds == kind]) for kind in ("faces", "background", "noise")}
+    out["faces_below_min_confidence"] = int((mean[kinds == "faces"] < MIN_CONFIDENCE).sum())
+    out["others_above_min_confidence"] = int((mean[kinds != "faces"] >= MIN_CONFIDENCE).sum())
     return out
 
 
