@@ -17,6 +17,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 
 from lgcn_jax.batch_norm import BNReLUDropout, fold_into_conv
@@ -175,9 +176,13 @@ def init(rng: jax.Array, config: Config | ModelConfig, image_size: int = 96) -> 
     return LGCNParams(params=variables["params"], batch_stats=variables.get("batch_stats", {}), config=m, execution=run)
 
 
-def check_images(images: Any) -> jax.Array:
-    """Validate and convert images to f32[B, H, W, 1] in [0, 1] (uint8 is divided by 255)."""
-    images = jnp.asarray(images)
+def check_images(images: Any) -> jax.Array | np.ndarray:
+    """Validate and convert images to f32[B, H, W, 1] in [0, 1] (uint8 is divided by 255).
+
+    NumPy input stays NumPy (converted on the host: eager device ops would each compile a small program in a
+    fresh process); anything else becomes a ``jax.Array``."""
+    xp = np if isinstance(images, (np.ndarray, np.generic, list, tuple)) else jnp
+    images = xp.asarray(images)
     if images.ndim != 4 or images.shape[-1] != 1:
         raise ValueError(
             f"images must have shape [B, H, W, 1] (grayscale, channels last), got {tuple(images.shape)}; "
@@ -185,9 +190,9 @@ def check_images(images: Any) -> jax.Array:
         )
     if 0 in images.shape:
         raise ValueError(f"images of shape {tuple(images.shape)} hold no pixels")
-    if images.dtype == jnp.uint8:
-        return images.astype(jnp.float32) / 255.0
-    return images.astype(jnp.float32)
+    if images.dtype == np.uint8:
+        return images.astype(np.float32) / np.float32(255.0)
+    return images.astype(np.float32)
 
 
 @jit

@@ -62,25 +62,27 @@ def cholesky(a: jax.Array) -> jax.Array:
 
     Written out (K is the shape model's few components) instead of LAPACK's: the compiled post-processing
     then calls no library routine, so its executable can be stored and loaded as it is
-    (``lgcn_jax.executables``)."""
+    (``lgcn_jax.executables``).  A loop over the columns, not K unrolled steps: the decoding calls it in
+    every fit, and unrolled it made most of the program's kernels (compile and load time)."""
     k = a.shape[-1]
-    low = jnp.zeros_like(a)
-    for j in range(k):
-        d = jnp.sqrt(a[j, j] - low[j, :j] @ low[j, :j])
-        low = low.at[j, j].set(d).at[j + 1:, j].set((a[j + 1:, j] - low[j + 1:, :j] @ low[j, :j]) / d)
-    return low
+    rows = jnp.arange(k)
+
+    def column(j, low):
+        # Columns j.. of ``low`` are still zero, so full-row products sum over the first j columns only.
+        d = jnp.sqrt(a[j, j] - low[j] @ low[j])
+        below = (a[:, j] - low @ low[j]) / d
+        return low.at[:, j].set(jnp.where(rows > j, below, jnp.where(rows == j, d, 0.0)))
+
+    return lax.fori_loop(0, k, column, jnp.zeros_like(a))
 
 
 def cho_solve(low: jax.Array, b: jax.Array) -> jax.Array:
     """x f32[K] with (low low^T) x = b, from ``cholesky``'s factor: forward then back substitution."""
     k = low.shape[-1]
-    y = jnp.zeros_like(b)
-    for i in range(k):
-        y = y.at[i].set((b[i] - low[i, :i] @ y[:i]) / low[i, i])
-    x = jnp.zeros_like(b)
-    for i in reversed(range(k)):
-        x = x.at[i].set((y[i] - low[i + 1:, i] @ x[i + 1:]) / low[i, i])
-    return x
+    # Entries not yet solved are zero, so full-row products sum over the solved ones only.
+    y = lax.fori_loop(0, k, lambda i, y: y.at[i].set((b[i] - low[i] @ y) / low[i, i]), jnp.zeros_like(b))
+    return lax.fori_loop(0, k, lambda t, x: x.at[k - 1 - t].set((y[k - 1 - t] - low[:, k - 1 - t] @ x) / low[k - 1 - t, k - 1 - t]),
+                         jnp.zeros_like(b))
 
 
 def solve_qp(hess: jax.Array, grad: jax.Array, a: jax.Array, bound: jax.Array, iterations: int = 30) -> jax.Array:

@@ -48,8 +48,9 @@ def export_params(directory: str, params: network.LGCNParams, config: Config) ->
 
 
 def _load_release(path: str, config: Config) -> network.LGCNParams:
-    # Shapes only: running init (a compiled forward pass) would cost seconds for the paper network.
-    template = jax.eval_shape(lambda key: network.init(key, config, image_size=config.data.image_size), jax.random.key(0))
+    # Shapes only: running init (a compiled forward pass) would cost seconds for the paper network.  The key is
+    # made inside the trace: made outside, it is two small programs compiled in every fresh process.
+    template = jax.eval_shape(lambda: network.init(jax.random.key(0), config, image_size=config.data.image_size))
     expected = {"params": template.params, "batch_stats": template.batch_stats}
     file = os.path.join(path, PARAMS_FILE)
     try:

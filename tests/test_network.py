@@ -258,3 +258,16 @@ def test_blur_batching_is_the_same_function(params):
 def test_blur_batching_is_checked():
     with pytest.raises(ValueError, match="execution.blur_batching must be one of 'auto', 'image', 'batch', got 'rows'"):
         lgcn_jax.apply_overrides(get_config("quick"), ["execution.blur_batching=rows"])
+
+
+def test_check_images_converts_numpy_on_the_host_and_jax_arrays_on_the_device(params):
+    u8 = np.random.default_rng(0).integers(0, 256, (2, 24, 24, 1), dtype=np.uint8)
+    host = network.check_images(u8)
+    assert isinstance(host, np.ndarray) and host.dtype == np.float32  # no eager device op: nothing to compile
+    np.testing.assert_array_equal(host, u8.astype(np.float32) / np.float32(255.0))
+    dev = network.check_images(jnp.asarray(u8))
+    assert isinstance(dev, jax.Array) and dev.dtype == jnp.float32
+    np.testing.assert_allclose(dev, host, rtol=1e-6)
+    traced = jax.jit(lambda x: network.check_images(x).sum())(u8)
+    np.testing.assert_allclose(traced, host.sum(), rtol=1e-5)
+    np.testing.assert_allclose(lgcn_jax.apply(params, u8), lgcn_jax.apply(params, jnp.asarray(host)), rtol=1e-5, atol=1e-6)

@@ -16,7 +16,7 @@ from data_prep.synthetic_faces import make_face
 from lgcn_jax.config import PostprocessConfig
 from lgcn_jax.heatmaps import render_targets
 from lgcn_jax.network import model_kernel
-from lgcn_jax.postprocess import solve_qp
+from lgcn_jax.postprocess import cho_solve, cholesky, solve_qp
 from lgcn_jax.shape_model import ShapeModelError, build_shape_model, load_shape_model, save_shape_model
 from tests import reference_postprocess as ref
 
@@ -95,6 +95,23 @@ def test_shape_model_file_errors(tmp_path):
         load_shape_model(str(tmp_path))
     with pytest.raises(ValueError, match="at least 13"):
         build_shape_model(np.zeros((5, 68, 2)), SIZE)
+
+
+@pytest.mark.parametrize("k", [1, 5, 12])
+def test_cholesky_and_cho_solve_match_numpy(k):
+    rng = np.random.default_rng(k)
+    m = rng.normal(size=(3, k, k))
+    a = (m @ m.transpose(0, 2, 1) + k * np.eye(k)).astype(np.float32)
+    b = rng.normal(size=(3, k)).astype(np.float32)
+    low = jax.jit(jax.vmap(cholesky))(a)  # batched, as under the decoding's vmap over faces
+    np.testing.assert_allclose(low, np.linalg.cholesky(a.astype(np.float64)), atol=2e-5)
+    np.testing.assert_allclose(jax.jit(jax.vmap(cho_solve))(low, b), np.linalg.solve(a.astype(np.float64), b[..., None])[..., 0], rtol=1e-4, atol=1e-5)
+    assert np.all(np.triu(np.asarray(low[0]), 1) == 0)
+
+
+def test_cholesky_of_an_indefinite_matrix_is_nan():
+    low = jax.jit(cholesky)(np.diag([1.0, -1.0, 2.0]).astype(np.float32))
+    assert low[0, 0] == 1.0 and np.isnan(low[1, 1]) and np.isnan(low[2, 2])
 
 
 def test_qp_solver_matches_scipy():
