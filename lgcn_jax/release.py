@@ -62,6 +62,8 @@ def _load_release(path: str, config: Config) -> network.LGCNParams:
             raise ValueError("array shapes differ from the network in config.json")
     except Exception as e:  # msgpack, key and shape errors alike
         raise CheckpointError(f"cannot load {file}: {type(e).__name__}: {e}\nIt is corrupt or does not match {path}/config.json; re-export it.") from e
+    # On the device once: host arrays would be copied there again at every call of the network.
+    restored = jax.device_put(restored)
     return template.replace(params=restored["params"], batch_stats=restored["batch_stats"])
 
 

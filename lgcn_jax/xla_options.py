@@ -44,8 +44,8 @@ def compiler_options() -> dict[str, str]:
 class _Jit:
     """``jax.jit(fun, compiler_options=compiler_options(), **kwargs)``, made at the first use (not at import, when the
     backend is not yet chosen); calls and attributes (``lower``, ``trace``, ...) go to it.  JAX takes compiler
-    options only for the outermost program, so a call inside another trace (the caller's ``jax.jit``, ``grad`` or
-    ``vmap``) goes to a plain ``jax.jit(fun, **kwargs)``, which becomes part of the caller's program."""
+    options only for the outermost program, so a call inside another trace (the caller's ``jax.jit`` or ``grad``;
+    ``vmap`` keeps the options) goes to a plain ``jax.jit(fun, **kwargs)``, which becomes part of the caller's program."""
 
     def __init__(self, fun, kwargs: dict):
         self._fun, self._kwargs, self._tuned = fun, kwargs, None
@@ -60,11 +60,12 @@ class _Jit:
         return self._tuned
 
     def __call__(self, *args, **kwargs):
-        if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((args, kwargs))):
-            return self._plain(*args, **kwargs)
+        # Inside a caller's jit or grad JAX refuses the options (a ValueError naming them): the plain function
+        # serves.  Asked first, not found by looking for tracers among the arguments, which would cost every
+        # call a walk over the parameters' leaves.
         try:
             return self._get()(*args, **kwargs)
-        except ValueError as e:  # inside a trace that none of the arguments shows (constants closed over)
+        except ValueError as e:
             if "compiler_options" not in str(e):
                 raise
             return self._plain(*args, **kwargs)

@@ -5,6 +5,7 @@ import os
 import shutil
 
 import matplotlib
+import jax
 import numpy as np
 import pytest
 from PIL import Image
@@ -220,6 +221,16 @@ def test_pretrained_loader_errors(tmp_path, monkeypatch):
         lgcn_jax.load_pretrained("broken")
     with pytest.raises(CheckpointError, match="no released checkpoint 'nope'.*broken"):
         lgcn_jax.load_pretrained("nope")
+
+
+def test_loaded_weights_are_on_the_device_and_calls_copy_nothing():
+    model = lgcn_jax.load_pretrained("synthetic_quick")
+    leaves = jax.tree.leaves((model.params.params, model.params.batch_stats, model.shape_model))
+    assert leaves and all(isinstance(x, jax.Array) for x in leaves)  # host arrays would be copied at every call
+    x = jax.device_put(np.zeros((1, model.data.image_size, model.data.image_size, 1), np.float32))
+    lgcn_jax.predict(model, x)
+    with jax.transfer_guard_host_to_device("disallow"):
+        lgcn_jax.predict(model, x)
 
 
 @pytest.mark.parametrize("params, first_pass", [(None, None), ("300w_paper", None), ("300w_paper", "300w_cpu")])
