@@ -27,6 +27,34 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_REAL_300W = os.path.join(os.path.dirname(ROOT), "shared", "data", "300w_partial")
 
 
+def _memory_maps() -> tuple[int, int]:
+    """This process's memory mappings and the kernel's limit on them ((0, 0) where /proc does not tell)."""
+    try:
+        with open("/proc/self/maps", "rb") as f:
+            used = f.read().count(b"\n")
+        with open("/proc/sys/vm/max_map_count") as f:
+            return used, int(f.read())
+    except (OSError, ValueError):
+        return 0, 0
+
+
+@pytest.fixture(autouse=True)
+def _under_the_memory_map_limit():
+    """Frees JAX's compiled programs when this worker nears the kernel's limit on memory mappings.
+
+    XLA's CPU backend maps every kernel of a compiled program on its own (a post-processing program holds
+    ~500 kernels, ~550 mappings), and they stay while the program is cached.  A pytest worker compiles
+    hundreds of programs; past vm.max_map_count (65530 by default) LLVM cannot map the next one and the
+    process aborts ("Unable to allocate section memory"): the crash that used to hit one test of the suite
+    in some full runs.  Later tests compile again what they need (most of it from the persistent cache)."""
+    yield
+    used, limit = _memory_maps()
+    if limit and used > limit // 2:
+        import jax
+
+        jax.clear_caches()
+
+
 def pytest_addoption(parser):
     parser.addoption("--real-300w", default=os.environ.get("LGCN_300W_DIR", DEFAULT_REAL_300W), metavar="DIR",
                      help="folder of 300-W faces laid out as the official archives (afw/, helen/, lfpw/, ...); tests that "
