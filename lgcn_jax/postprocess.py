@@ -80,9 +80,16 @@ def cho_solve(low: jax.Array, b: jax.Array) -> jax.Array:
     """x f32[K] with (low low^T) x = b, from ``cholesky``'s factor: forward then back substitution."""
     k = low.shape[-1]
     # Entries not yet solved are zero, so full-row products sum over the solved ones only.
-    y = lax.fori_loop(0, k, lambda i, y: y.at[i].set((b[i] - low[i] @ y) / low[i, i]), jnp.zeros_like(b))
-    return lax.fori_loop(0, k, lambda t, x: x.at[k - 1 - t].set((y[k - 1 - t] - low[:, k - 1 - t] @ x) / low[k - 1 - t, k - 1 - t]),
-                         jnp.zeros_like(b))
+    def forward(i, y):
+        return y.at[i].set((b[i] - low[i] @ y) / low[i, i])
+
+    y = lax.fori_loop(0, k, forward, jnp.zeros_like(b))
+
+    def back(t, x):
+        i = k - 1 - t
+        return x.at[i].set((y[i] - low[:, i] @ x) / low[i, i])
+
+    return lax.fori_loop(0, k, back, jnp.zeros_like(b))
 
 
 def solve_qp(hess: jax.Array, grad: jax.Array, a: jax.Array, bound: jax.Array, iterations: int = 30) -> jax.Array:

@@ -4,8 +4,8 @@ import json
 import os
 import shutil
 
-import matplotlib
 import jax
+import matplotlib
 import numpy as np
 import pytest
 from PIL import Image
