@@ -86,7 +86,8 @@ class ExecutionConfig:
     fold_batch_norm: bool = True
     # True: where the local subnet has fewer features than landmarks, the main head's 1x1 convolution runs
     # after the blur instead of before it (the blur is linear: blur(x W + b) = blur(x) W + blur(1) b), so
-    # fewer maps are blurred.  Same function (to float rounding) and weights either way.
+    # fewer maps are blurred; with fold_batch_norm, inference also composes that head into the first global
+    # block's convolution, which then reads the blurred features.  Same function (to float rounding) and weights.
     blur_features: bool = True
     # How the blur's two matmuls take a batch: "image" runs them one image at a time (on a CPU faster
     # per image for batches: the intermediate maps stay in cache), "batch" as one batched

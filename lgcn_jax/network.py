@@ -52,17 +52,22 @@ class LGCN(nn.Module):
         fold = (not train and run.fold_batch_norm and m.activation_scale > 0 and dtype == jnp.float32
                 and not self.is_initializing())
 
+        def folded(name):
+            params, stats = self.variables["params"], self.variables["batch_stats"]
+            c, b, s = params[f"{name}_conv"], params[f"{name}_bn"], stats[f"{name}_bn"]
+            return fold_into_conv(c["kernel"], c["bias"], b["scale"], b["bias"], s["mean"], s["var"], m.bn_epsilon, m.activation_scale)
+
+        def conv_relu(x, kernel, bias, dilation):
+            y = jax.lax.conv_general_dilated(x, kernel, (1, 1), "SAME", rhs_dilation=(dilation, dilation),
+                                             dimension_numbers=("NHWC", "HWIO", "NHWC"))
+            return jnp.maximum(y + bias, 0.0)
+
         def conv_bn(x, features, size, dilation, name, dtype, dropout_rate):
             conv = nn.Conv(features, (size, size), kernel_dilation=dilation, padding="SAME", kernel_init=conv_init, dtype=dtype, name=f"{name}_conv")
             bn = BNReLUDropout(m.bn_momentum, m.bn_epsilon, m.activation_scale, dropout_rate, dtype, run.fused_batch_norm, name=f"{name}_bn")
             if not fold:
                 return bn(conv(x), train)
-            params, stats = self.variables["params"], self.variables["batch_stats"]
-            c, b, s = params[f"{name}_conv"], params[f"{name}_bn"], stats[f"{name}_bn"]
-            kernel, bias = fold_into_conv(c["kernel"], c["bias"], b["scale"], b["bias"], s["mean"], s["var"], m.bn_epsilon, m.activation_scale)
-            y = jax.lax.conv_general_dilated(x, kernel, (1, 1), "SAME", rhs_dilation=(dilation, dilation),
-                                             dimension_numbers=("NHWC", "HWIO", "NHWC"))
-            return jnp.maximum(y + bias, 0.0)
+            return conv_relu(x, *folded(name), dilation)
 
         def block(x, size, dilation, name):
             return conv_bn(x, m.num_filters, size, dilation, name, dtype, m.dropout_rate)
@@ -80,6 +85,8 @@ class LGCN(nn.Module):
         # One blur call for both heads, at the convolutions' precision (JAX's default: TF32 on recent
         # NVIDIA GPUs, full f32 on CPUs; docs/architecture.md says what TF32 changed).
         kernel = model_kernel(m)
+        d = m.global_dilation
+        composed = None  # the first global block's input, where it takes the blurred features directly
         if run.blur_features and x.shape[-1] + 1 < n and not self.is_initializing():
             # The blur is linear and channel-wise, so blur(x W + b) = blur(x) W + blur(1) b: with fewer
             # features than landmarks, blurring the features (and a map of ones, for the bias under the
@@ -90,15 +97,27 @@ class LGCN(nn.Module):
             blurred = kernel_conv(jnp.concatenate([x.astype(jnp.float32), ones, side], axis=-1), kernel, precision=None, batching=run.blur_batching)
             o1 = (blurred[..., :f] @ head["kernel"][0, 0] + blurred[..., f:f + 1] * head["bias"]) * m.kernel_output_scale
             side_blurred = blurred[..., f + 1:] * m.kernel_output_scale
+            if fold:
+                # The first global block's 3x3 convolution is linear in o1, itself linear in the blurred features
+                # (no bias: the blurred map of ones carries it, zero in the padding as o1 is): composed, the
+                # block reads the f + 1 + n blurred channels instead of 2n.
+                composed = blurred
         else:
             main = nn.Conv(n, (1, 1), kernel_init=conv_init, dtype=jnp.float32, name="head_main")(x)
             blurred = kernel_conv(jnp.concatenate([main, side], axis=-1), kernel, precision=None, batching=run.blur_batching) * m.kernel_output_scale
             o1, side_blurred = blurred[..., :n], blurred[..., n:]
-        blurred = jnp.concatenate([o1, side_blurred], axis=-1)
-        d = m.global_dilation
-        phases = run.dilation_as_phases and d > 1 and blurred.shape[1] % d == 0 and blurred.shape[2] % d == 0
-        y = to_phases(blurred, d) if phases else blurred
-        for i in range(m.global_layers):
+        phases = run.dilation_as_phases and d > 1 and o1.shape[1] % d == 0 and o1.shape[2] % d == 0
+        first = 0
+        if composed is not None and m.global_layers:
+            k0, b0 = folded("global_0")
+            w = jnp.concatenate([head["kernel"][0, 0], head["bias"][None]], axis=0)  # [f + 1, n]
+            k0 = jnp.concatenate([jnp.einsum("ic,hwco->hwio", w, k0[:, :, :n]), k0[:, :, n:]], axis=2) * m.kernel_output_scale
+            y = conv_relu(to_phases(composed, d) if phases else composed, k0, b0, 1 if phases else d)
+            first = 1
+        else:
+            blurred = jnp.concatenate([o1, side_blurred], axis=-1)
+            y = to_phases(blurred, d) if phases else blurred
+        for i in range(first, m.global_layers):
             y = block(y, 3, 1 if phases else d, f"global_{i}")
         g = nn.Conv(n, (1, 1), kernel_init=conv_init, dtype=jnp.float32, name="head_global")(y)
         o2 = (from_phases(g, d) if phases else g) + o1

@@ -150,7 +150,9 @@ def test_phases_round_trip():
 def test_network_blur_runs_at_default_matmul_precision(params):
     """The blur follows JAX's default precision like the convolutions (TF32 on GPUs); a full-f32 blur
     ran as slow SIMT GEMMs there (docs/architecture.md)."""
-    for blur_features, count in ((False, 2), (True, 3)):  # the blur's two matmuls (and the main head's, after it)
+    # The blur's two matmuls; with blur_features also the main head's, after it, and the first global block's kernel
+    # composed with the head's (inference with folded blocks).
+    for blur_features, count in ((False, 2), (True, 4)):
         net = params.with_execution(ExecutionConfig(blur_features=blur_features))
         text = jax.jit(lgcn_jax.apply).lower(net, jnp.zeros((1, 32, 32, 1))).as_text()
         dots = [line for line in text.splitlines() if "dot_general" in line]
@@ -162,8 +164,14 @@ def test_blurring_the_features_equals_blurring_the_main_head(params):
     blur (the bias through a blurred map of ones); the same outputs, statistics and gradients as the head before it."""
     assert params.config.num_filters + 1 < params.config.num_landmarks
     on, off = params, params.with_execution(ExecutionConfig(blur_features=False))
-    x = jax.random.uniform(jax.random.key(1), (2, 32, 32, 1))
-    np.testing.assert_allclose(lgcn_jax.apply(on, x), lgcn_jax.apply(off, x), rtol=1e-5, atol=1e-7)
+    unfolded = params.with_execution(ExecutionConfig(fold_batch_norm=False))
+    # Inference with folded blocks also composes the first global block with the head; the global subnet runs on
+    # sub-grids where the size allows (32) and dilated where it does not (33).
+    for hw in (32, 33):
+        x = jax.random.uniform(jax.random.key(1), (2, hw, hw, 1))
+        ref = lgcn_jax.apply(off, x)
+        np.testing.assert_allclose(lgcn_jax.apply(on, x), ref, rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(lgcn_jax.apply(unfolded, x), ref, rtol=1e-5, atol=1e-7)
     train = jax.jit(lgcn_jax.apply_train)
     for a, b in zip(jax.tree_util.tree_leaves(train(on, x, jax.random.key(2))), jax.tree_util.tree_leaves(train(off, x, jax.random.key(2)))):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
