@@ -85,8 +85,7 @@ class LGCN(nn.Module):
         # One blur call for both heads, at the convolutions' precision (JAX's default: TF32 on recent
         # NVIDIA GPUs, full f32 on CPUs; docs/architecture.md says what TF32 changed).
         kernel = model_kernel(m)
-        d = m.global_dilation
-        composed = None  # the first global block's input, where it takes the blurred features directly
+        compose = False  # the main head composed into the first global block (below)
         if run.blur_features and x.shape[-1] + 1 < n and not self.is_initializing():
             # The blur is linear and channel-wise, so blur(x W + b) = blur(x) W + blur(1) b: with fewer
             # features than landmarks, blurring the features (and a map of ones, for the bias under the
@@ -97,27 +96,25 @@ class LGCN(nn.Module):
             blurred = kernel_conv(jnp.concatenate([x.astype(jnp.float32), ones, side], axis=-1), kernel, precision=None, batching=run.blur_batching)
             o1 = (blurred[..., :f] @ head["kernel"][0, 0] + blurred[..., f:f + 1] * head["bias"]) * m.kernel_output_scale
             side_blurred = blurred[..., f + 1:] * m.kernel_output_scale
-            if fold:
-                # The first global block's 3x3 convolution is linear in o1, itself linear in the blurred features
-                # (no bias: the blurred map of ones carries it, zero in the padding as o1 is): composed, the
-                # block reads the f + 1 + n blurred channels instead of 2n.
-                composed = blurred
+            compose = fold and m.global_layers > 0
         else:
             main = nn.Conv(n, (1, 1), kernel_init=conv_init, dtype=jnp.float32, name="head_main")(x)
             blurred = kernel_conv(jnp.concatenate([main, side], axis=-1), kernel, precision=None, batching=run.blur_batching) * m.kernel_output_scale
             o1, side_blurred = blurred[..., :n], blurred[..., n:]
+        d = m.global_dilation
         phases = run.dilation_as_phases and d > 1 and o1.shape[1] % d == 0 and o1.shape[2] % d == 0
-        first = 0
-        if composed is not None and m.global_layers:
+        if compose:
+            # The first global block's 3x3 convolution is linear in o1, itself linear in the blurred features (no
+            # bias: the blurred map of ones carries it, zero in the padding as o1 is): composed, the block reads
+            # the f + 1 + n blurred channels instead of 2n.
             k0, b0 = folded("global_0")
             w = jnp.concatenate([head["kernel"][0, 0], head["bias"][None]], axis=0)  # [f + 1, n]
             k0 = jnp.concatenate([jnp.einsum("ic,hwco->hwio", w, k0[:, :, :n]), k0[:, :, n:]], axis=2) * m.kernel_output_scale
-            y = conv_relu(to_phases(composed, d) if phases else composed, k0, b0, 1 if phases else d)
-            first = 1
+            y = conv_relu(to_phases(blurred, d) if phases else blurred, k0, b0, 1 if phases else d)
         else:
-            blurred = jnp.concatenate([o1, side_blurred], axis=-1)
-            y = to_phases(blurred, d) if phases else blurred
-        for i in range(first, m.global_layers):
+            maps = jnp.concatenate([o1, side_blurred], axis=-1)
+            y = to_phases(maps, d) if phases else maps
+        for i in range(int(compose), m.global_layers):
             y = block(y, 3, 1 if phases else d, f"global_{i}")
         g = nn.Conv(n, (1, 1), kernel_init=conv_init, dtype=jnp.float32, name="head_global")(y)
         o2 = (from_phases(g, d) if phases else g) + o1
