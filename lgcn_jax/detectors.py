@@ -29,7 +29,7 @@ from lgcn_jax import crop as crop_lib
 from lgcn_jax import yunet
 from lgcn_jax.machine import defaults
 
-__all__ = ["YUNET_RELIABLE_FACE", "Detection", "FaceDetector", "HaarDetector", "YuNetDetector", "DlibDetector", "DETECTORS", "get_detector", "reduce_image"]
+__all__ = ["YUNET_RELIABLE_FACE", "Detection", "FaceDetector", "HaarDetector", "YuNetDetector", "DlibDetector", "DETECTORS", "get_detector", "reduce_image", "fit_to_cells"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,13 +49,41 @@ class Detection:
 FaceDetector = Callable[[np.ndarray], list[Detection]]
 
 
+def _padded(n: int, cell: int) -> int:
+    """A side of n pixels zero-padded to whole cells of YuNet's coarsest stride, as its input (at least 64)."""
+    return max(64, -(-n // cell) * cell)
+
+
+def _reduced_shape(h: int, w: int, max_side: int) -> tuple[int, int]:
+    f = max_side / max(h, w)
+    return (h, w) if f >= 1.0 else (max(1, round(h * f)), max(1, round(w * f)))
+
+
+# How much smaller than asked a searched copy may be made to save YuNet a row or column of padding cells.
+CELL_FIT_SHRINK = 0.025
+
+
+def fit_to_cells(h: int, w: int, max_side: int, cell: int = 32) -> int:
+    """``max_side`` for ``reduce_image`` of an h x w image, made up to ``CELL_FIT_SHRINK`` smaller where the copy
+    then pads to fewer ``cell``-pixel rows or columns (YuNet pads its input to whole cells of its stride 32 and
+    costs the padded area): 400x300 searched at 300x225 pads to 320x256, at 299x224 to 320x224, 12% less work
+    for faces 0.4% smaller.  The smallest padded area wins, the larger copy among equals."""
+    best, best_area = max_side, None
+    for side in range(max_side, max(1, int(np.ceil(max_side * (1.0 - CELL_FIT_SHRINK)))) - 1, -1):
+        rh, rw = _reduced_shape(h, w, side)
+        area = _padded(rh, cell) * _padded(rw, cell)
+        if best_area is None or area < best_area:
+            best, best_area = side, area
+    return best
+
+
 def reduce_image(gray: np.ndarray, max_side: int) -> tuple[np.ndarray, float]:
     """A copy of u8[H, W] with its longer side at most ``max_side`` (area-averaged), and the factor applied."""
     h, w = gray.shape[:2]
     if max(h, w) <= max_side:
         return gray, 1.0
-    f = max_side / max(h, w)
-    return cv2.resize(gray, (max(1, round(w * f)), max(1, round(h * f))), interpolation=cv2.INTER_AREA), f
+    rh, rw = _reduced_shape(h, w, max_side)
+    return cv2.resize(gray, (rw, rh), interpolation=cv2.INTER_AREA), max_side / max(h, w)
 
 
 def _rescale(dets: list[Detection], factor: float) -> list[Detection]:
@@ -77,21 +105,25 @@ def _merge(dets: list[Detection], overlap: float = 0.5) -> list[Detection]:
 
 # The landmark-box side (pixels of the searched image) from which YuNet finds nearly every face: on composed
 # scenes of 300-W faces it found 99% of those of 60 px and more, 90% at 40-60 px, 56% at 25-30 px
-# (bench/yunet_search_size.py).
+# (bench/yunet_search_size.py; in finer buckets over more search sizes 98.5% at 60-70, 93% at 50-60).
 YUNET_RELIABLE_FACE = 60.0
+# OpenCV detectors a YuNetDetector keeps, one per input size (a few MB each).
+_OPENCV_SIZES = 4
 
 
 class YuNetDetector:
     """YuNet (OpenCV zoo, MIT licence; ``lgcn_jax/weights``): a 53k-parameter CNN with 5 face points.
 
-    Runs through ``cv2.FaceDetectorYN`` (``backend="opencv"``) or the JAX port ``lgcn_jax.yunet``
-    (``backend="jax"``: the same network; jit-compiled, so the first call at each image size, padded
-    to a multiple of 128, compiles; the wider zero padding can move a face at the bottom or right
-    edge slightly).  The gray image is repeated into 3 channels and searched on a copy scaled so that
-    a face of ``min_face`` pixels (its landmark box) has ``YUNET_RELIABLE_FACE`` pixels (never enlarged),
-    and of at most ``max_side`` pixels: smaller faces are found less often, and the search costs the
-    copy's area.  The roll comes from the two eye points; the landmark box is ``face_scale`` x the
-    longer box side, shifted down by ``face_shift`` box sides (medians over the 2566 300-W faces).
+    Runs through ``cv2.FaceDetectorYN`` (``backend="opencv"``; the network made for one gray channel,
+    ``yunet.ONNX_GRAY``) or the JAX port ``lgcn_jax.yunet`` (``backend="jax"``: the same network, the
+    gray levels in its three channels; jit-compiled, so the first call at each image size, padded to a
+    multiple of 128, compiles; the wider zero padding can move a face at the bottom or right edge
+    slightly).  The image is searched on a copy scaled so that a face of ``min_face`` pixels (its
+    landmark box) has ``YUNET_RELIABLE_FACE`` pixels (never enlarged), and of at most ``max_side``
+    pixels: smaller faces are found less often, and the search costs the copy's area, padded to whole
+    32-pixel cells (the copy is made up to 2.5% smaller where that saves a row or column of cells:
+    ``fit_to_cells``).  The roll comes from the two eye points; the landmark box is ``face_scale`` x
+    the longer box side, shifted down by ``face_shift`` box sides (medians over the 2566 300-W faces).
     YuNet misses faces larger than ~500 px, so a photo over 1.25 x ``coarse_side`` is also searched on
     a copy of at most ``coarse_side`` (0: never), and the two lists merged.
     """
@@ -104,34 +136,42 @@ class YuNetDetector:
             raise ValueError(f"min_face is a face size in pixels, got {min_face}")
         self.score_threshold, self.nms_threshold, self.max_side, self.backend = score_threshold, nms_threshold, max_side, backend
         self.face_scale, self.face_shift, self.coarse_side, self.min_face = face_scale, face_shift, coarse_side, min_face
-        self._cv = None
+        self._cv: dict[tuple[int, int], object] = {}  # OpenCV detectors by input size, most recently used last
 
-    def _faces(self, bgr: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        h, w = bgr.shape[:2]
+    def _faces(self, gray: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """YuNet's boxes, points and scores on u8[H, W], its gray levels in all three channels."""
+        h, w = gray.shape[:2]
         if self.backend == "jax":
             # Zero-padded at the bottom and right as OpenCV does (to multiples of 32), but to multiples of
             # 128 so that photos of many sizes share a few compiled programs.
             ph, pw = -(-h // 128) * 128, -(-w // 128) * 128
             x = np.zeros((1, ph, pw, 3), np.float32)
-            x[0, :h, :w] = bgr
+            x[0, :h, :w] = gray[..., None]
             return yunet.decode(yunet.apply(yunet.load_params(), x), (ph, pw), self.score_threshold, self.nms_threshold)
         # OpenCV zero-pads to multiples of 32 itself, but where a side pads to only 32 (one cell of the
         # stride-32 head) its output depends on memory left by earlier calls: a flat 7x300 image gave
         # "faces" at score 1.0 in some calls and none in others.  Padding such sides to 64 ourselves
         # gives the same output every time; larger inputs are padded as OpenCV would.
-        ph, pw = max(64, -(-h // 32) * 32), max(64, -(-w // 32) * 32)
+        ph, pw = _padded(h, 32), _padded(w, 32)
         if (ph, pw) != (h, w):
-            bgr = cv2.copyMakeBorder(bgr, 0, ph - h, 0, pw - w, cv2.BORDER_CONSTANT, value=0)
-        if self._cv is None:
-            self._cv = cv2.FaceDetectorYN.create(yunet.ONNX, "", (pw, ph), self.score_threshold, self.nms_threshold, 5000)
-        self._cv.setInputSize((pw, ph))
-        _, faces = self._cv.detect(bgr)
+            gray = cv2.copyMakeBorder(gray, 0, ph - h, 0, pw - w, cv2.BORDER_CONSTANT, value=0)
+        # One OpenCV detector per input size: a new size re-allocates the whole network (about 1.5 ms at 320x256,
+        # more than the search itself costs), and a large photo's two searches alternate between two sizes.
+        cv = self._cv.pop((pw, ph), None)
+        if cv is None:
+            # The gray network (yunet.ONNX_GRAY) reads the one channel: the same detections as the zoo's file on
+            # the gray image repeated into three, 11-14% faster.
+            cv = cv2.FaceDetectorYN.create(yunet.ONNX_GRAY, "", (pw, ph), self.score_threshold, self.nms_threshold, 5000)
+            if len(self._cv) >= _OPENCV_SIZES:
+                del self._cv[next(iter(self._cv))]  # the least recently used
+        self._cv[(pw, ph)] = cv
+        _, faces = cv.detect(gray)
         if faces is None:
             return np.zeros((0, 4), np.float32), np.zeros((0, 5, 2), np.float32), np.zeros((0,), np.float32)
         return faces[:, :4], faces[:, 4:14].reshape(-1, 5, 2), faces[:, 14]
 
     def __call__(self, gray: np.ndarray) -> list[Detection]:
-        gray = np.asarray(gray, np.uint8)
+        gray = np.ascontiguousarray(gray, np.uint8)
         scale = min(1.0, YUNET_RELIABLE_FACE / self.min_face)
         found = self._search(gray, min(self.max_side, max(1, round(max(gray.shape) * scale))))
         if self.coarse_side and max(gray.shape) > 1.25 * self.coarse_side:
@@ -141,8 +181,8 @@ class YuNetDetector:
         return found
 
     def _search(self, gray: np.ndarray, max_side: int) -> list[Detection]:
-        small, factor = reduce_image(gray, max_side)
-        boxes, points, scores = self._faces(np.repeat(small[..., None], 3, axis=2))
+        small, factor = reduce_image(gray, fit_to_cells(gray.shape[0], gray.shape[1], max_side, 128 if self.backend == "jax" else 32))
+        boxes, points, scores = self._faces(small)
         out = []
         for (x, y, bw, bh), pts, score in zip(boxes, points, scores):
             side = float(max(bw, bh))

@@ -119,9 +119,10 @@ def predict_with_confidence(model: Union[Model, network.LGCNParams], images, sha
         check_heatmaps((1, size, images.shape[2], params.config.num_landmarks), shape_model)
     else:
         shape_model = empty_shape_model(params.config.num_landmarks, size)
-    mesh = sharding.data_mesh(jax.local_devices())
-    if mesh.devices.size > 1 and images.shape[0] >= mesh.devices.size:
+    devices = jax.local_devices()
+    if len(devices) > 1 and images.shape[0] >= len(devices):
         # Split the batch over the local devices; parameters and shape model go to each of them.
+        mesh = sharding.data_mesh(devices)
         images, n = sharding.shard_leading(images, mesh)
         params, shape_model = sharding.replicate((params, shape_model), mesh)
         landmarks, confidence = _predict(params, images, shape_model, config)

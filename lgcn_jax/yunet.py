@@ -29,11 +29,14 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-__all__ = ["WEIGHTS", "ONNX", "load_params", "apply", "decode", "decode_numpy"]
+__all__ = ["WEIGHTS", "ONNX", "ONNX_GRAY", "load_params", "apply", "decode", "decode_numpy"]
 
 _DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights")
 WEIGHTS = os.path.join(_DIR, "yunet_2026may.npz")
 ONNX = os.path.join(_DIR, "face_detection_yunet_2026may.onnx")
+# The same network for one (gray) input channel: the stem's weights summed over the three
+# (data_prep/convert_yunet.py --gray); what detectors.YuNetDetector runs through OpenCV.
+ONNX_GRAY = os.path.join(_DIR, "face_detection_yunet_2026may_gray.onnx")
 STRIDES = (8, 16, 32)
 _HEADS = {"cls": ("multi_level_cls", 1), "obj": ("multi_level_obj", 1), "bbox": ("multi_level_bbox", 4), "kps": ("multi_level_kps", 10)}
 

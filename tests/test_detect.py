@@ -155,7 +155,7 @@ def test_batch_equals_single(model):
 
 
 def test_cli_writes_json_and_png_and_keeps_existing(tmp_path, capsys):
-    img, _ = scene()
+    img, _ = scene([])  # noise without faces
     src = tmp_path / "group.png"
     Image.fromarray(img).save(src)
     photo = tmp_path / "hopper.jpg"
@@ -165,7 +165,7 @@ def test_cli_writes_json_and_png_and_keeps_existing(tmp_path, capsys):
     rep = json.loads((out / "hopper.json").read_text())
     assert len(rep["faces"]) == 1 and len(rep["faces"][0]["landmarks"]) == 68
     assert rep["model"] == default_weights()  # what ran is recorded
-    assert json.loads((out / "group.json").read_text())["faces"] == []  # Haar does not see cartoon faces
+    assert json.loads((out / "group.json").read_text())["faces"] == []  # a file for a photo without faces too
     png = Image.open(out / "hopper_landmarks.png")
     assert png.size == Image.open(PHOTO).size and png.mode == "RGB"
     before = (out / "hopper.json").read_text()

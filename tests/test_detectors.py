@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from lgcn_jax import yunet
-from lgcn_jax.detectors import DETECTORS, Detection, YuNetDetector, get_detector, reduce_image
+from lgcn_jax.detectors import CELL_FIT_SHRINK, DETECTORS, Detection, YuNetDetector, fit_to_cells, get_detector, reduce_image
 from lgcn_jax.machine import defaults
 
 PHOTO = os.path.join(os.path.dirname(matplotlib.__file__), "mpl-data", "sample_data", "grace_hopper.jpg")
@@ -127,16 +127,73 @@ def test_opencv_yunet_does_not_depend_on_what_it_saw_before():
     for img in (np.full((7, 300), 200, np.uint8), gray):
         bgr = np.repeat(img[..., None], 3, axis=2)
         det = YuNetDetector()
-        want = det._faces(bgr)
+        want = det._faces(img)
         assert len(want[2]) == len(det(img)) == (img is gray)
         for seed, (h, w) in enumerate([(64, 320), (608, 512), (32, 320)]):
-            det._cv.setInputSize((w, h))
-            det._cv.detect(np.random.default_rng(seed).integers(0, 256, (h, w, 3)).astype(np.uint8))
-            got = det._faces(bgr)
+            det._faces(np.random.default_rng(seed).integers(0, 256, (h, w)).astype(np.uint8))
+            got = det._faces(img)
             assert all(np.array_equal(a, b) for a, b in zip(got, want)), (img.shape, (h, w), got[2])
-    det._cv.setInputSize(bgr.shape[1::-1])
-    _, faces = det._cv.detect(bgr)  # 401x377: OpenCV pads to 416x384 itself
+    cv = cv2.FaceDetectorYN.create(yunet.ONNX_GRAY, "", img.shape[1::-1], det.score_threshold, det.nms_threshold, 5000)
+    _, faces = cv.detect(img)  # 401x377: OpenCV pads to 416x384 itself
     assert np.array_equal(faces[:, :4], want[0]) and np.array_equal(faces[:, 14], want[2])
+
+
+@pytest.mark.parametrize("threshold", [0.6, 0.05])
+def test_the_gray_yunet_finds_what_the_zoos_finds_on_the_gray_image_repeated(threshold):
+    """yunet.ONNX_GRAY (one input channel) against the zoo's file fed the gray levels in all three channels: a real
+    photo (three faces) and, at a low threshold, blobs with many overlapping candidates; and the shipped file is
+    what data_prep/convert_yunet.py makes of the zoo's."""
+    for img in (cv2.cvtColor(_photo_scene(), cv2.COLOR_BGR2GRAY), cv2.cvtColor(_blobs(200, 300, seed=3), cv2.COLOR_BGR2GRAY)):
+        h, w = img.shape
+        zoo = cv2.FaceDetectorYN.create(yunet.ONNX, "", (w, h), threshold, 0.3, 5000).detect(cv2.cvtColor(img, cv2.COLOR_GRAY2BGR))[1]
+        gray = cv2.FaceDetectorYN.create(yunet.ONNX_GRAY, "", (w, h), threshold, 0.3, 5000).detect(img)[1]
+        assert (zoo is None) == (gray is None)
+        if zoo is None:
+            continue
+        assert zoo.shape == gray.shape and (threshold == 0.05 or len(zoo) == 3)
+        np.testing.assert_allclose(gray[:, :14], zoo[:, :14], atol=1e-3)
+        np.testing.assert_allclose(gray[:, 14], zoo[:, 14], atol=1e-5)
+    onnx = pytest.importorskip("onnx")
+    from data_prep.convert_yunet import gray_model
+
+    assert onnx.load(yunet.ONNX_GRAY).SerializeToString() == gray_model(yunet.ONNX).SerializeToString()
+
+
+def test_one_opencv_detector_per_input_size():
+    """Sizes alternate (a large photo's two searches, photos of mixed sizes) without re-allocating OpenCV's network;
+    the detectors kept are bounded, and every size gives what a fresh detector gives."""
+    gray = np.asarray(Image.open(PHOTO).convert("L"))
+    sizes = [(512, 600), (256, 300), (300, 340), (200, 240), (420, 480), (512, 600)]
+    det = YuNetDetector()
+    for k, (h, w) in enumerate(sizes * 2):
+        img = cv2.resize(gray, (w, h), interpolation=cv2.INTER_AREA)
+        got = det(img)
+        assert len(det._cv) <= 4
+        want = YuNetDetector()(img)
+        assert len(got) == len(want) == 1 and np.array_equal(got[0].center, want[0].center), (h, w)
+    assert len(det._cv) == 4  # of the 5 sizes searched, the least recently used was dropped
+
+
+def test_search_copies_fit_yunets_cells():
+    """fit_to_cells against a plain search over every allowed side: the least padded area, the larger side among
+    equals, never more than CELL_FIT_SHRINK below the side asked for."""
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        h, w = (int(v) for v in rng.integers(1, 2500, 2))
+        side = int(rng.integers(1, 2 * max(h, w)))
+        cell = int(rng.choice([32, 128]))
+
+        def padded_area(s):
+            f = min(1.0, s / max(h, w))
+            rh, rw = (h, w) if f >= 1.0 else (max(1, round(h * f)), max(1, round(w * f)))
+            return max(64, -(-rh // cell) * cell) * max(64, -(-rw // cell) * cell)
+
+        allowed = [s for s in range(side, 0, -1) if s >= side * (1 - CELL_FIT_SHRINK)]
+        want = min(allowed, key=lambda s: (padded_area(s), -s))
+        assert fit_to_cells(h, w, side, cell) == want, (h, w, side, cell)
+    assert fit_to_cells(300, 400, 300) == 299  # 400x300 at 0.75: 320x224 cells instead of 320x256
+    small, _ = reduce_image(np.zeros((300, 400), np.uint8), 299)
+    assert small.shape == (224, 299)
 
 
 def test_reduced_copy_maps_back_to_full_resolution():
