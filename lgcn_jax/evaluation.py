@@ -25,7 +25,7 @@ from lgcn_jax.predict import Model, heatmaps, predict
 from lgcn_jax.xla_options import jit
 
 __all__ = ["eval_step", "predict_batches", "predict_landmarks", "evaluate", "horizontal_offset", "evaluate_landmarks", "subset_reports",
-           "write_report", "plot_ced", "plot_training", "format_table", "NORMS", "THRESHOLD", "tune_decoding", "PEAK_FIT_RADII"]
+           "write_report", "plot_ced", "plot_training", "format_table", "NORMS", "THRESHOLD", "tune_decoding", "PEAK_FIT_RADII", "LOCAL_WINDOWS"]
 
 NORMS = ("inter_ocular", "inter_pupil")
 THRESHOLD = 0.08
@@ -77,25 +77,39 @@ def horizontal_offset(model: Model, data: dict, batch_size: int = 32) -> float:
 
 
 PEAK_FIT_RADII = (1, 4, 5, 6, 7, 8, 9, 10, 11, 12)
+# The shape model's rounds of local window fits tried at the chosen radius besides the model's own: one round,
+# and none (the global fit alone, which also decodes fastest).
+LOCAL_WINDOWS = ((20,), ())
 
 
-def tune_decoding(model: Model, data: dict, radii=None, batch_size: int = 32) -> tuple[Model, dict]:
-    """``model`` with the ``postprocess.peak_fit_radius`` of ``radii`` (default ``PEAK_FIT_RADII``) that gives the lowest inter-ocular NME on labelled
-    faces ``data`` held out of training, each radius with its own ``x_offset`` (``horizontal_offset``), and the table
-    {radius: (x_offset, nme)}.  The network runs once; every radius decodes its heatmaps."""
+def tune_decoding(model: Model, data: dict, radii=None, batch_size: int = 32, local_windows=None) -> tuple[Model, dict]:
+    """``model`` with the decoding that gives the lowest inter-ocular NME on labelled faces ``data`` held out of
+    training, and the table {(radius, windows): (x_offset, nme)} of the settings tried: every
+    ``postprocess.peak_fit_radius`` of ``radii`` (default ``PEAK_FIT_RADII``) with the model's own local windows,
+    then at the best radius the ``postprocess.local_windows`` of ``local_windows`` (default ``LOCAL_WINDOWS``; only
+    with the shape model), each setting with its own ``x_offset`` (``horizontal_offset``).  The network runs once;
+    every setting decodes its heatmaps."""
     maps = np.concatenate([np.asarray(heatmaps(model.params, jnp.asarray(b["image"]), model.postprocess.flip_test))[b["valid"] > 0]
                            for b in input_pipeline.eval_batches(data, batch_size)])
     gt = np.asarray(data["landmarks"], np.float64)
-    table = {}
-    for r in PEAK_FIT_RADII if radii is None else radii:
-        cfg = dataclasses.replace(model.postprocess, peak_fit_radius=r, x_offset=0.0)
+
+    def score(radius, windows):
+        cfg = dataclasses.replace(model.postprocess, peak_fit_radius=radius, local_windows=windows, x_offset=0.0)
         pred = np.concatenate([np.asarray(postprocess(maps[lo:lo + batch_size], model.shape_model, cfg))
                                for lo in range(0, len(maps), batch_size)]).astype(np.float64)
         offset = float(np.mean(gt[..., 0] - pred[..., 0]))
         pred[..., 0] += offset
-        table[r] = (round(offset, 4), float(metrics.nme(pred, gt).mean()))
-    best = min(table, key=lambda r: table[r][1])
-    return model.with_postprocess(peak_fit_radius=best, x_offset=table[best][0]), table
+        return round(offset, 4), float(metrics.nme(pred, gt).mean())
+
+    own = tuple(model.postprocess.local_windows)
+    table = {(r, own): score(r, own) for r in (PEAK_FIT_RADII if radii is None else radii)}
+    radius = min(table, key=lambda k: table[k][1])[0]
+    if model.postprocess.use_shape_model and model.shape_model is not None:
+        for w in LOCAL_WINDOWS if local_windows is None else local_windows:
+            if tuple(w) != own:
+                table[(radius, tuple(w))] = score(radius, tuple(w))
+    best = min(table, key=lambda k: table[k][1])
+    return model.with_postprocess(peak_fit_radius=best[0], local_windows=best[1], x_offset=table[best][0]), table
 
 
 def evaluate_landmarks(pred: np.ndarray, gt: np.ndarray, threshold: float = THRESHOLD) -> dict:

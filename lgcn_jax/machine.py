@@ -1,6 +1,6 @@
 """What runs when the caller does not say: one table of defaults by the machine JAX runs on.
 
-On a CPU the defaults are the fast ones (the small network on 48x48 crops, one pass, a face search
+On a CPU the defaults are the fast ones (the small network on 42x42 crops, one pass, a face search
 sized for faces of 80 px and more); on a GPU or TPU the accurate ones (the paper's network, two
 passes, the full search).  ``detect``, ``track``, ``lgcn-detect`` and ``extract`` use them for every argument left
 at None; every one can be given instead.
@@ -25,7 +25,7 @@ class Defaults:
     refine: int
 
 
-DEFAULTS = {"cpu": Defaults(weights="300w_cpu48", detector="yunet-fast", refine=0),
+DEFAULTS = {"cpu": Defaults(weights="300w_cpu42", detector="yunet-fast", refine=0),
             "accelerator": Defaults(weights="300w_paper", detector="yunet", refine=1)}
 
 

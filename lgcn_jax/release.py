@@ -169,11 +169,12 @@ def load_pretrained(name: str = PRETRAINED) -> Model:
     """The released weights ``name``: ``checkpoints/NAME`` of the checkout, ``lgcn_jax/checkpoints/NAME`` in an
     installed wheel, or ``$LGCN_CHECKPOINTS/NAME`` where that is set.
 
-    ``300w_paper`` (the default) is the paper's network trained on real 300-W faces; ``300w_cpu48`` and
-    ``300w_cpu`` small networks of the same family for CPUs (48x48 and 64x64 crops); ``synthetic_quick`` the
-    quick preset trained on the synthetic faces of ``data_prep`` (tests and the offline demo; not for real
-    photos).  checkpoints/README.md gives their training commands, their numbers, and the 300-W licence
-    (non-commercial research).  Other weights in the same layout (``export_model``) load by their name.
+    ``300w_paper`` (the default) is the paper's network trained on real 300-W faces; ``300w_cpu42``,
+    ``300w_cpu48`` and ``300w_cpu`` a small network of the same family for CPUs, trained for 42x42, 48x48
+    and 64x64 crops; ``synthetic_quick`` the quick preset trained on the synthetic faces of ``data_prep``
+    (tests and the offline demo; not for real photos).  checkpoints/README.md gives their training commands,
+    their numbers, and the 300-W licence (non-commercial research).  Other weights in the same layout
+    (``export_model``) load by their name.
     """
     return load_model(_released_path(name, f"no released checkpoint {name!r}", "pass params= explicitly"), name=name)
 

@@ -59,8 +59,9 @@ class Tracker:
       min_confidence: a face whose mean point confidence (heatmap value at its points) falls
         below this is dropped.  Measured with 300w_paper: 300-W faces >= 0.74 (median 0.79), the
         half-occluded profile of docs/img/detect_group.png 0.49, crops of background <= 0.37, noise
-        < 0.01; with 300w_cpu48 (bench/confidence.py: the 554 common faces, corner crops of their
-        photos, noise): faces >= 0.45 (median 0.70), corner crops <= 0.45 (one holding half a face;
+        < 0.01; with 300w_cpu42 (bench/confidence.py: the 554 common faces, corner crops of their
+        photos, noise): faces >= 0.53 (median 0.70), corner crops <= 0.43 (one above 0.4; 99% <= 0.37),
+        noise <= 0.14; with 300w_cpu48 faces >= 0.45, corner crops <= 0.45 (one holding half a face;
         99% <= 0.33), noise <= 0.10.
       refine: passes re-cut from the landmarks for a newly detected face (as ``detect``; None: this machine's).
       first_pass: the model of those passes but the last (as ``detect``; None: ``model``).

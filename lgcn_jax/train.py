@@ -318,7 +318,7 @@ def export_workdir(workdir: str, directory: str, which: str = "best", recalibrat
     ``train.bn_recalibration_batches`` of them), read from ``data_dir`` (default: the workdir's stored one).
     With ``calibrate_x_offset`` the exported ``postprocess.x_offset`` is measured on the validation faces
     (``evaluation.horizontal_offset``; never on a test subset); with ``tune_decoding`` so is
-    ``postprocess.peak_fit_radius``, each candidate radius with its own offset (``evaluation.tune_decoding``).
+    ``postprocess.peak_fit_radius`` and then ``local_windows``, each candidate with its own offset (``evaluation.tune_decoding``).
     Refuses to write into a non-empty ``directory``.
     """
     if os.path.exists(directory) and not os.path.isdir(directory):
@@ -341,10 +341,10 @@ def export_workdir(workdir: str, directory: str, which: str = "best", recalibrat
             model = model.replace(params=recalibrated(model.params, train_data, config))
         if tune_decoding:
             model, table = tune_decoding_on(model, val_data)
-            for r, (offset, nme) in table.items():
-                log.info("peak_fit_radius %2d: x_offset %.4f px, validation NME %.4f%%", r, offset, 100 * nme)
-            log.info("chose peak_fit_radius=%d, x_offset=%.4f on %d validation faces", model.postprocess.peak_fit_radius,
-                     model.postprocess.x_offset, len(val_data["image"]))
+            for (r, windows), (offset, nme) in table.items():
+                log.info("peak_fit_radius %2d, local_windows %-8s: x_offset %.4f px, validation NME %.4f%%", r, list(windows), offset, 100 * nme)
+            log.info("chose peak_fit_radius=%d, local_windows=%s, x_offset=%.4f on %d validation faces", model.postprocess.peak_fit_radius,
+                     list(model.postprocess.local_windows), model.postprocess.x_offset, len(val_data["image"]))
         elif calibrate_x_offset:
             offset = horizontal_offset(model, val_data)
             log.info("postprocess.x_offset = %.4f px, measured on %d validation faces", offset, len(val_data["image"]))

@@ -343,7 +343,7 @@ def test_flip_test_runs_on_the_last_pass_only(model, monkeypatch, tmp_path):
 def test_the_default_model_serves_the_machine():
     """Without a model, detect / track / lgcn-detect run the small network where JAX runs on the CPU and the
     paper's where it has an accelerator; load_pretrained() stays the paper's network."""
-    assert default_weights("cpu") == DEFAULT_WEIGHTS["cpu"] == "300w_cpu48"
+    assert default_weights("cpu") == DEFAULT_WEIGHTS["cpu"] == "300w_cpu42"
     assert default_weights("gpu") == default_weights("tpu") == DEFAULT_WEIGHTS["accelerator"] == "300w_paper"
     assert lgcn_jax.default_model().name == default_weights()
     assert lgcn_jax.load_pretrained().name == "300w_paper"

@@ -49,7 +49,7 @@ def test_the_wheel_holds_the_weights_the_detector_and_the_command_modules(wheel)
         metadata = next(z.read(n).decode() for n in names if n.endswith(".dist-info/METADATA"))
     assert f"\nVersion: {lgcn_jax.__version__}\n" in metadata  # one version, in lgcn_jax/__init__.py
     released = [d for d in os.listdir(os.path.join(ROOT, "checkpoints")) if os.path.isdir(os.path.join(ROOT, "checkpoints", d))]
-    assert {"300w_paper", "300w_cpu48", "300w_cpu", "synthetic_quick"} <= set(released)
+    assert {"300w_paper", "300w_cpu42", "300w_cpu48", "300w_cpu", "synthetic_quick"} <= set(released)
     for name in released:
         for f in os.listdir(os.path.join(ROOT, "checkpoints", name)):
             assert f"lgcn_jax/checkpoints/{name}/{f}" in names

@@ -361,8 +361,11 @@ def test_export_tunes_the_decoding_on_the_validation_faces(trained_workdir, tmp_
     out = tmp_path / "tuned"
     assert cli_train.main(["--workdir", trained_workdir, "--export", str(out), "--tune_decoding"]) == 0
     model = lgcn_jax.load_model(str(out))
-    r = model.postprocess.peak_fit_radius
-    assert table[r][1] == min(nme for _, nme in table.values()) and model.postprocess.x_offset == table[r][0]
+    key = (model.postprocess.peak_fit_radius, tuple(model.postprocess.local_windows))
+    assert table[key][1] == min(nme for _, nme in table.values()) and model.postprocess.x_offset == table[key][0]
     got = evaluation.evaluate_landmarks(evaluation.predict_landmarks(model, val), val["landmarks"])["inter_ocular"]["nme"]
-    assert got == pytest.approx(table[r][1], rel=1e-4)
-    assert set(table) == {1, 3, 8}
+    assert got == pytest.approx(table[key][1], rel=1e-4)
+    # Every radius with the model's own windows; the other windows at the radius that was best with those.
+    own = tuple(best.postprocess.local_windows)
+    radius = min((r for r, w in table if w == own), key=lambda r: table[(r, own)][1])
+    assert set(table) == {(1, own), (3, own), (8, own)} | {(radius, w) for w in evaluation.LOCAL_WINDOWS}

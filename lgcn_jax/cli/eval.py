@@ -29,7 +29,7 @@ def main(argv=None) -> int:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--workdir", help="a run_train.py workdir (reports go to WORKDIR/eval)")
     src.add_argument("--checkpoint", help="a checkpoint folder (a workdir or an exported one), or the name of released weights "
-                                          "(300w_paper, 300w_cpu48, 300w_cpu, synthetic_quick); default: lgcn_jax.load_pretrained()'s")
+                                          "(300w_paper, 300w_cpu42, 300w_cpu48, 300w_cpu, synthetic_quick); default: lgcn_jax.load_pretrained()'s")
     p.add_argument("--split", default=None,
                    help="comma-separated; 300w: common, challenging, full, test (default: common,challenging,full); "
                         "synthetic: validation, test (default: test)")

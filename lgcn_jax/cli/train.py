@@ -35,7 +35,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--recalibrate", type=int, default=0, metavar="N",
                    help="with --export: measure the BatchNorm statistics again over N batches of training crops first")
     p.add_argument("--tune_decoding", action="store_true",
-                   help="with --export: choose postprocess.peak_fit_radius and x_offset on the validation faces (docs/decoding.md)")
+                   help="with --export: choose postprocess.peak_fit_radius, local_windows and x_offset on the validation faces (docs/decoding.md)")
     p.add_argument("--calibrate_x_offset", action="store_true",
                    help="with --export: measure postprocess.x_offset on the validation faces (docs/decoding.md: horizontal offset)")
     p.add_argument("--shape_model_only", action="store_true",
