@@ -139,7 +139,7 @@ class YuNetDetector:
         self._cv: dict[tuple[int, int], object] = {}  # OpenCV detectors by input size, most recently used last
 
     def _faces(self, gray: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """YuNet's boxes, points and scores on u8[H, W], its gray levels in all three channels."""
+        """YuNet's boxes, points and scores for a gray u8[H, W] (what the zoo's network gives for its levels in all three channels)."""
         h, w = gray.shape[:2]
         if self.backend == "jax":
             # Zero-padded at the bottom and right as OpenCV does (to multiples of 32), but to multiples of

@@ -125,7 +125,6 @@ def test_opencv_yunet_does_not_depend_on_what_it_saw_before():
     at score 1.0); we pad such sides to 64.  Larger inputs: the same output as OpenCV's own padding."""
     gray = np.asarray(Image.open(PHOTO).convert("L"))[40:441, 60:437]  # 401x377, the face inside
     for img in (np.full((7, 300), 200, np.uint8), gray):
-        bgr = np.repeat(img[..., None], 3, axis=2)
         det = YuNetDetector()
         want = det._faces(img)
         assert len(want[2]) == len(det(img)) == (img is gray)
