@@ -26,6 +26,16 @@ import hashlib
 import numpy as np
 
 
+def _onnx():
+    """The onnx package and its numpy_helper, or an exit that says how to install it."""
+    try:
+        import onnx
+        from onnx import numpy_helper
+    except ImportError as e:
+        raise SystemExit("converting needs the onnx package: pip install onnx") from e
+    return onnx, numpy_helper
+
+
 def _attrs(node):
     import onnx
 
@@ -33,11 +43,7 @@ def _attrs(node):
 
 
 def convert(onnx_path, out_path):
-    try:
-        import onnx
-        from onnx import numpy_helper
-    except ImportError as e:
-        raise SystemExit("converting needs the onnx package: pip install onnx") from e
+    onnx, numpy_helper = _onnx()
     model = onnx.load(onnx_path)
     g = model.graph
     init = {t.name: numpy_helper.to_array(t) for t in g.initializer}
@@ -96,11 +102,7 @@ def convert(onnx_path, out_path):
 
 def gray_model(onnx_path):
     """The YuNet ONNX model of ``onnx_path`` for one input channel (an ``onnx.ModelProto``)."""
-    try:
-        import onnx
-        from onnx import numpy_helper
-    except ImportError as e:
-        raise SystemExit("converting needs the onnx package: pip install onnx") from e
+    onnx, numpy_helper = _onnx()
     model = onnx.load(onnx_path)
     g = model.graph
     (inp,) = g.input
@@ -116,8 +118,7 @@ def gray_model(onnx_path):
 
 
 def write_gray(onnx_path, out_path):
-    import onnx
-
+    onnx, _ = _onnx()
     onnx.save(gray_model(onnx_path), out_path)
     sha = hashlib.sha256(open(out_path, "rb").read()).hexdigest()
     print(f"{onnx_path} -> {out_path}: one input channel (sha256 {sha})")

@@ -144,7 +144,7 @@ class YuNetDetector:
         if self.backend == "jax":
             # Zero-padded at the bottom and right as OpenCV does (to multiples of 32), but to multiples of
             # 128 so that photos of many sizes share a few compiled programs.
-            ph, pw = -(-h // 128) * 128, -(-w // 128) * 128
+            ph, pw = _padded(h, 128), _padded(w, 128)
             x = np.zeros((1, ph, pw, 3), np.float32)
             x[0, :h, :w] = gray[..., None]
             return yunet.decode(yunet.apply(yunet.load_params(), x), (ph, pw), self.score_threshold, self.nms_threshold)

@@ -164,7 +164,7 @@ def test_one_opencv_detector_per_input_size():
     gray = np.asarray(Image.open(PHOTO).convert("L"))
     sizes = [(512, 600), (256, 300), (300, 340), (200, 240), (420, 480), (512, 600)]
     det = YuNetDetector()
-    for k, (h, w) in enumerate(sizes * 2):
+    for h, w in sizes * 2:
         img = cv2.resize(gray, (w, h), interpolation=cv2.INTER_AREA)
         got = det(img)
         assert len(det._cv) <= 4
